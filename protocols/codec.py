@@ -1,0 +1,74 @@
+"""Messages to bytes and back: versioned JSON, strict on the way in.
+
+Wire form: one UTF-8 JSON object ``{"v": 1, "type": "<type>", ...fields}``. JSON keeps
+the wire readable with ``mosquitto_sub`` and writable from any language; floats are
+written with Python's shortest round-trip repr, so a coefficient crosses the wire with
+every bit. Decoding refuses, with a ``ProtocolError``: payloads over the size limit,
+bad UTF-8 or JSON, NaN/Infinity, duplicate keys, deep nesting, an unknown version or
+type, and any field that the message's own ``from_wire`` rejects.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import ProtocolError
+from .messages import MESSAGE_TYPES, Message
+
+WIRE_VERSION = 1
+MAX_MESSAGE_BYTES = 8 << 20  # a commit of a 1,000-agent round fits many times over
+# Agents send small things; a large one is refused before it is parsed.
+MAX_BYTES_BY_TYPE = {"hello": 16 << 10, "result": 64 << 10, "sync": 4 << 10,
+                     "status": 1 << 10, "error": 8 << 10}
+
+
+def encode(message: Message) -> bytes:
+    body = {"v": WIRE_VERSION, "type": message.type, **message.to_wire()}
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError("payload must be bytes", "bad_type")
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"message of {len(payload)} bytes is over the {max_bytes}-byte limit",
+                            "too_big")
+    data = _parse(bytes(payload))
+    version = data.pop("v", None)
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"wire version {version!r} is not supported (this build speaks "
+                            f"{WIRE_VERSION}); update the older side", "bad_version")
+    kind = data.pop("type", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}", "bad_type")
+    limit = MAX_BYTES_BY_TYPE.get(kind)
+    if limit is not None and len(payload) > limit:
+        raise ProtocolError(f"{kind} message of {len(payload)} bytes is over its {limit}-byte "
+                            "limit", "too_big")
+    return cls.from_wire(data)
+
+
+def _parse(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
+                          object_pairs_hook=_no_duplicates)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"payload is not valid JSON: {str(exc)[:200]}", "bad_json") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("payload must be a JSON object", "bad_json")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not allowed: numbers must be finite", "non_finite")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ProtocolError("payload repeats a key", "bad_json")
+    return out

@@ -1,0 +1,267 @@
+"""The orchestrator's side of the ZO rounds, as a state machine without I/O.
+
+Feed it what arrives (``receive``) and the time; it answers with ``Send`` objects for
+the transport to publish. It holds no weights: the driver applies each commit to its
+own copy, journals it, and reports the new fingerprint (``committed``). The same
+object therefore runs over MQTT, over the in-memory bus, and in unit tests.
+
+A round::
+
+    idle --open_round--> open --(quorum or deadline: ready)--> close_round --> closing
+    closing --committed(commit, fingerprint)--> idle, version + 1
+
+Every refused message is counted by its reason in ``refused`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from . import topics
+from .codec import decode, encode
+from .directions import DirectionSpec
+from .errors import ProtocolError
+from .messages import (
+    MAX_COMMITS_PER_SYNC,
+    Capabilities,
+    CommitMessage,
+    Error,
+    Hello,
+    ModelAnnounce,
+    Result,
+    RoundStart,
+    Status,
+    SyncReply,
+    SyncRequest,
+)
+from .zo import ClientResult, Commit, aggregate, derive_seed
+
+_KIND = {"hello": Hello, "result": Result, "sync": SyncRequest, "status": Status}
+
+
+@dataclass(frozen=True)
+class Send:
+    """A publish for the transport to carry out."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How rounds are run: the ZO hyperparameters and when a round may close."""
+
+    eps: float = 1e-3
+    lr: float = 1e-3
+    directions: int = 1  # s: directions per client and local step
+    local_steps: int = 1
+    local_lr: float = 0.0  # learning rate of local steps (FedKSeed style); 0 = lr
+    quorum: float = 1.0  # fraction of the round's participants whose results close it early
+    deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("eps", "lr", "deadline_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ProtocolError(f"round policy: {name} must be a positive number", "bad_policy")
+        if not 0 < self.quorum <= 1:
+            raise ProtocolError("round policy: quorum must be in (0, 1]", "bad_policy")
+        if self.directions < 1 or self.local_steps < 1:
+            raise ProtocolError("round policy: directions and local_steps must be >= 1",
+                                "bad_policy")
+
+
+@dataclass
+class AgentRecord:
+    capabilities: Capabilities
+    version: int = -1
+    fingerprint: str = ""
+    online: bool = True
+    last_seen: float = 0.0
+    results: int = 0
+
+
+@dataclass
+class _OpenRound:
+    start: RoundStart
+    participants: tuple[str, ...]
+    deadline: float
+    results: dict[str, Result] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, run_id: str, run_seed: int, spec: DirectionSpec, version: int,
+                 fingerprint: str, policy: RoundPolicy, history: Iterable[CommitMessage] = (),
+                 keep_commits: int = 200) -> None:
+        self.run_id = run_id
+        self.run_seed = run_seed
+        self.spec = spec
+        self.version = version
+        self.fingerprint = fingerprint
+        self.policy = policy
+        self.agents: dict[str, AgentRecord] = {}
+        self.refused: Counter[str] = Counter()
+        self.refusals: deque[str] = deque(maxlen=100)  # the latest reasons, for logs
+        self.late = 0
+        self._history: deque[CommitMessage] = deque(history, maxlen=min(keep_commits,
+                                                                        MAX_COMMITS_PER_SYNC))
+        self._round: _OpenRound | None = None
+        self._closing: Commit | None = None
+
+    # --- what the driver subscribes to and announces -----------------------------------
+
+    def subscriptions(self) -> list[str]:
+        return [topics.agents_filter(self.run_id)]
+
+    def announce(self, announce: ModelAnnounce) -> Send:
+        return Send(topics.model(self.run_id), encode(announce), retain=True)
+
+    @property
+    def phase(self) -> str:
+        return "open" if self._round else "closing" if self._closing else "idle"
+
+    # --- rounds -------------------------------------------------------------------------
+
+    def open_round(self, participants: Sequence[str], now: float) -> Send:
+        """Start round ``version`` for these agents; seeds follow from the run seed alone."""
+        if self.phase != "idle":
+            raise RuntimeError(f"cannot open a round while {self.phase}")
+        if not participants or len(set(participants)) != len(participants):
+            raise ValueError("participants must be distinct and at least one")
+        per_agent = self.policy.directions * self.policy.local_steps
+        assignments = {agent: tuple(derive_seed(self.run_seed, self.version, i, j)
+                                    for j in range(per_agent))
+                       for i, agent in enumerate(participants)}
+        start = RoundStart(self.version, self.fingerprint, self.policy.eps, assignments,
+                           self.policy.deadline_s, self.policy.local_steps,
+                           self.policy.local_lr or self.policy.lr)
+        self._round = _OpenRound(start, tuple(participants), now + self.policy.deadline_s)
+        return Send(topics.round_start(self.run_id), encode(start))
+
+    def ready(self, now: float) -> bool:
+        """True once the quorum has answered or the deadline has passed."""
+        r = self._round
+        if r is None:
+            return False
+        need = math.ceil(self.policy.quorum * len(r.participants))
+        return len(r.results) >= need or now >= r.deadline
+
+    def close_round(self) -> Commit:
+        """Aggregate what arrived, in participant order (arrival order must not change bits)."""
+        r = self._round
+        if r is None:
+            raise RuntimeError("no round is open")
+        ordered = [r.results[a] for a in r.participants if a in r.results]
+        commit = aggregate(r.start.round, [
+            ClientResult(x.seeds, x.scalars, x.samples, r.start.local_steps) for x in ordered
+        ], self.policy.lr)
+        self._round, self._closing = None, commit
+        return commit
+
+    def committed(self, commit: Commit, fingerprint: str) -> Send:
+        """The commit is durable and applied (weights now hash to ``fingerprint``): broadcast."""
+        if commit != self._closing:
+            raise RuntimeError("committed() must get the commit that close_round() returned")
+        message = CommitMessage(commit, fingerprint)
+        self._history.append(message)
+        self._closing = None
+        self.version, self.fingerprint = commit.round + 1, fingerprint
+        return Send(topics.commit(self.run_id), encode(message), retain=True)
+
+    def round_results(self) -> dict[str, Result]:
+        return dict(self._round.results) if self._round else {}
+
+    # --- what agents send -------------------------------------------------------------
+
+    def receive(self, topic: str, payload: bytes, now: float) -> list[Send]:
+        """Handle one inbound message; never raises for bad input, counts it instead."""
+        try:
+            where = topics.parse_agent_topic(self.run_id, topic)
+            message = decode(payload)
+            if not isinstance(message, _KIND[where.kind]):
+                raise ProtocolError(f"a {message.type} message on a {where.kind} topic",
+                                    "bad_topic")
+            if message.agent_id != where.agent_id:
+                raise ProtocolError(f"agent {where.agent_id!r} sent a message signed "
+                                    f"{message.agent_id!r}", "spoofed_id")
+            return getattr(self, f"_on_{where.kind}")(message, now)
+        except ProtocolError as exc:
+            self.refused[exc.code] += 1
+            self.refusals.append(f"{topic}: {exc}")
+            return []
+
+    def _refuse(self, agent_id: str, code: str, detail: str, round_id: int = -1) -> list[Send]:
+        self.refused[code] += 1
+        self.refusals.append(f"{agent_id}: {detail}")
+        error = Error(code, detail, round_id)
+        return [Send(topics.agent(self.run_id, agent_id, "inbox"), encode(error))]
+
+    def _on_hello(self, hello: Hello, now: float) -> list[Send]:
+        self.agents[hello.agent_id] = AgentRecord(hello.capabilities, hello.version,
+                                                  hello.fingerprint, True, now)
+        if hello.version < 0:
+            return []
+        return self._sync_reply(hello.agent_id, hello.version, hello.fingerprint)
+
+    def _on_status(self, status: Status, now: float) -> list[Send]:
+        record = self.agents.get(status.agent_id)
+        if record is not None:
+            record.online, record.last_seen = status.state == "online", now
+        return []
+
+    def _on_sync(self, request: SyncRequest, now: float) -> list[Send]:
+        if request.agent_id not in self.agents:
+            return self._refuse(request.agent_id, "unknown_agent",
+                                "sync from an agent that never said hello")
+        self.agents[request.agent_id].last_seen = now
+        return self._sync_reply(request.agent_id, request.version, request.fingerprint)
+
+    def _sync_reply(self, agent_id: str, version: int, fingerprint: str) -> list[Send]:
+        """Commits from ``version`` on; a snapshot when they are gone or the agent diverged."""
+        if version == self.version and fingerprint == self.fingerprint:
+            return []
+        kept = {m.commit.round: m for m in self._history}
+        expected = (self.fingerprint if version == self.version
+                    else kept[version - 1].fingerprint if version - 1 in kept else None)
+        missing = range(version, self.version)
+        if (version < 0 or version > self.version or expected not in (None, fingerprint)
+                or any(r not in kept for r in missing)):
+            reply = SyncReply(agent_id, (), snapshot=True)
+        else:
+            reply = SyncReply(agent_id, tuple(kept[r] for r in missing))
+        return [Send(topics.agent(self.run_id, agent_id, "inbox"), encode(reply))]
+
+    def _on_result(self, result: Result, now: float) -> list[Send]:
+        agent = result.agent_id
+        if agent not in self.agents:
+            return self._refuse(agent, "unknown_agent", "result from an agent that never said "
+                                "hello", result.round)
+        self.agents[agent].last_seen = now
+        r = self._round
+        if r is None or result.round != r.start.round:
+            current = r.start.round if r else self.version
+            if result.round < current or (r is None and result.round == current):
+                self.late += 1
+                return self._refuse(agent, "stale_round", f"result for round {result.round} "
+                                    "came after it closed", result.round)
+            return self._refuse(agent, "future_round", f"result for round {result.round}, "
+                                f"which has not started (current {current})", result.round)
+        if agent not in r.start.assignments:
+            return self._refuse(agent, "not_assigned", f"{agent} is not in round "
+                                f"{result.round}", result.round)
+        if agent in r.results:
+            return self._refuse(agent, "duplicate", f"second result from {agent} for round "
+                                f"{result.round}", result.round)
+        if result.seeds != r.start.assignments[agent]:
+            return self._refuse(agent, "bad_seed", "result seeds differ from the assigned ones",
+                                result.round)
+        if result.fingerprint != r.start.fingerprint:
+            return self._refuse(agent, "fingerprint_mismatch", f"{agent} computed on weights "
+                                f"{result.fingerprint}, the round is on {r.start.fingerprint}",
+                                result.round)
+        r.results[agent] = result
+        self.agents[agent].results += 1
+        return []

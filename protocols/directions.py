@@ -1,0 +1,207 @@
+"""Seeded perturbation directions: the one piece every implementation must agree on bit for bit.
+
+The orchestrator never sends a direction, only its seed; every agent regenerates it.
+So the generator is a written spec (``docs/protocol.md``, "Directions") with pinned
+vectors (``vectors.json``), not "whatever numpy does today":
+
+* Bit stream: Philox4x64-10 with key ``(seed, tensor_index)`` as two uint64 words.
+  Block ``j`` of a tensor's stream is ``Philox(counter=(j + 1, 0, 0, 0), key)``; its four
+  output words come in order. This is what ``numpy.random.Philox(...).random_raw``
+  produces, and raw bit streams (unlike generator methods) are stable across numpy
+  versions. Each tensor gets its own key, so directions of different tensors are
+  independent, and any chunk can be generated without the ones before it.
+* Rademacher: parameter ``p`` of the tensor takes bit ``p % 64`` (least significant
+  first) of word ``p // 64``; bit 1 gives ``+scale``, bit 0 gives ``-scale``.
+* Gaussian: parameters ``2k`` and ``2k+1`` take words ``2k`` and ``2k+1`` through
+  Box–Muller, computed with the float64 basic operations only (see ``_ln`` and
+  ``_sincos_turn``), so that no platform's libm can change a bit.
+* Applying: ``w <- fl32(w + fl32(fl32(alpha) * z))`` element by element, where ``z`` is
+  the float32 direction value. Commits, perturbations and their undo all use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ProtocolError
+
+RADEMACHER = "rademacher"
+GAUSSIAN = "gaussian"
+DISTRIBUTIONS = (RADEMACHER, GAUSSIAN)
+
+# Parameters generated per step. A multiple of 256 (one Philox block of Rademacher signs),
+# small enough to stay in cache, big enough that numpy's per-call overhead vanishes.
+CHUNK = 1 << 16
+_BLOCK_PARAMS = 256
+
+
+@dataclass(frozen=True)
+class DirectionSpec:
+    """Which distribution directions are drawn from, and its scale (the paper's A.2 ablation)."""
+
+    distribution: str = RADEMACHER
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise ProtocolError(
+                f"unknown direction distribution {self.distribution!r}; "
+                f"use one of {', '.join(DISTRIBUTIONS)}",
+                "bad_spec",
+            )
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)
+                and 0 < self.scale <= 1e3):
+            raise ProtocolError(f"direction scale must be finite and in (0, 1000], "
+                                f"got {self.scale!r}", "bad_spec")
+
+    def to_dict(self) -> dict:
+        return {"distribution": self.distribution, "scale": float(self.scale)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DirectionSpec:
+        return cls(str(data.get("distribution", RADEMACHER)), float(data.get("scale", 1.0)))
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise ProtocolError(f"seed must be an integer in [0, 2**64), got {seed!r}", "bad_seed")
+    return int(seed)
+
+
+def raw_words(seed: int, tensor_index: int, first_block: int, n_words: int) -> np.ndarray:
+    """``n_words`` uint64 words of the stream for ``(seed, tensor_index)`` from a block on."""
+    key = np.array([check_seed(seed), tensor_index], dtype=np.uint64)
+    counter = np.array([first_block, 0, 0, 0], dtype=np.uint64)
+    return np.random.Philox(key=key, counter=counter).random_raw(n_words)
+
+
+def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, count: int
+              ) -> np.ndarray:
+    """The float32 direction values ``z[start:start+count]`` of one tensor (start % 256 == 0)."""
+    if start % _BLOCK_PARAMS:
+        raise ValueError(f"chunks start on multiples of {_BLOCK_PARAMS}, got {start}")
+    if spec.distribution == RADEMACHER:
+        return _signs(seed, tensor_index, start, count) * np.float32(spec.scale)
+    return _gaussian(seed, tensor_index, start, count, spec.scale)
+
+
+def axpy_direction(flat: np.ndarray, alpha: float, spec: DirectionSpec, seed: int,
+                   tensor_index: int, chunk: int = CHUNK) -> None:
+    """In place: ``flat <- fl32(flat + fl32(alpha * z))`` for one tensor, chunk by chunk."""
+    a = np.float32(alpha)
+    # fl32(a * (+-scale)) == +-fl32(a * scale): one table of the two signed values serves all.
+    table = _sign_table(a * np.float32(spec.scale))
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk]
+        if spec.distribution == RADEMACHER:
+            part += table[_sign_bytes(seed, tensor_index, start, part.size)].reshape(-1)[:part.size]
+        else:
+            part += a * _gaussian(seed, tensor_index, start, part.size, spec.scale)
+
+
+def axpy(weights: Sequence[np.ndarray], alpha: float, spec: DirectionSpec, seed: int) -> None:
+    """In place over all tensors: ``w <- w + alpha * z(seed)``; tensor ``i`` uses key (seed, i)."""
+    for index, tensor in enumerate(weights):
+        axpy_direction(flat_view(tensor), alpha, spec, seed, index)
+
+
+def flat_view(tensor: np.ndarray) -> np.ndarray:
+    """A writable 1-D float32 view of a tensor, refusing anything that would need a copy."""
+    if tensor.dtype != np.float32 or not tensor.flags.c_contiguous or not tensor.flags.writeable:
+        raise ValueError("weights must be writable, C-contiguous float32 arrays")
+    return tensor.reshape(-1)
+
+
+# --- Rademacher ---------------------------------------------------------------------------
+
+_BIT = np.arange(8, dtype=np.uint8)
+_BYTE_BITS = ((np.arange(256, dtype=np.uint8)[:, None] >> _BIT) & 1).astype(bool)
+
+
+def _sign_bytes(seed: int, tensor_index: int, start: int, count: int) -> np.ndarray:
+    words = raw_words(seed, tensor_index, start // _BLOCK_PARAMS, -(-count // 64))
+    return words.astype("<u8", copy=False).view(np.uint8)
+
+
+def _signs(seed: int, tensor_index: int, start: int, count: int) -> np.ndarray:
+    bits = np.unpackbits(_sign_bytes(seed, tensor_index, start, count), bitorder="little")
+    return (bits[:count].astype(np.float32) * np.float32(2)) - np.float32(1)
+
+
+def _sign_table(value: np.float32) -> np.ndarray:
+    """Row ``b``: the 8 values for sign byte ``b``, ``+value`` for a 1 bit and ``-value`` for 0."""
+    return np.where(_BYTE_BITS, value, -value).astype(np.float32)
+
+
+# --- Gaussian, from basic float64 operations only ---------------------------------------------
+
+_LN2 = 0.6931471805599453
+_SQRT_HALF = 0.7071067811865476
+_TWO_PI = 6.283185307179586
+_HALF_PI = 1.5707963267948966
+
+
+def _gaussian(seed: int, tensor_index: int, start: int, count: int, scale: float) -> np.ndarray:
+    words = raw_words(seed, tensor_index, start // _BLOCK_PARAMS, count + (count & 1))
+    top = (words >> np.uint64(11)).astype(np.float64)  # 53 random bits, exact in float64
+    u1 = (top[0::2] + 1.0) * 2.0**-53  # (0, 1]: log is finite
+    u2 = top[1::2] * 2.0**-53  # [0, 1): a fraction of a full turn
+    radius = np.sqrt(-2.0 * _ln(u1))
+    cos, sin = _sincos_turn(u2)
+    out = np.empty(u1.size * 2, dtype=np.float64)
+    out[0::2] = radius * cos
+    out[1::2] = radius * sin
+    return (out[:count] * float(scale)).astype(np.float32)
+
+
+def _ln(x: np.ndarray) -> np.ndarray:
+    """Natural log for x in (0, 1] with +, -, *, / and exact frexp: the same bits everywhere."""
+    mant, expo = np.frexp(x)  # x = mant * 2**expo, mant in [0.5, 1)
+    low = mant < _SQRT_HALF
+    mant = np.where(low, mant * 2.0, mant)
+    expo = np.where(low, expo - 1, expo).astype(np.float64)
+    s = (mant - 1.0) / (mant + 1.0)  # |s| <= 0.1716; ln(mant) = 2 atanh(s)
+    s2 = s * s
+    acc = np.full_like(s, 1.0 / 21.0)
+    for k in range(19, 0, -2):
+        acc = acc * s2 + 1.0 / k
+    return expo * _LN2 + 2.0 * s * acc
+
+
+def _sincos_turn(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of 2*pi*t for t in [0, 1), reduced by exact quarter turns, Taylor inside."""
+    quarter = np.floor(t * 4.0)
+    x = (t * 4.0 - quarter) * _HALF_PI  # [0, pi/2)
+    x2 = x * x
+    sin = np.full_like(x, 1.0 / math.factorial(21))
+    cos = np.full_like(x, 1.0 / math.factorial(20))
+    for k in range(19, 0, -2):
+        sin = sin * x2 * -1.0 + 1.0 / math.factorial(k)
+        cos = cos * x2 * -1.0 + 1.0 / math.factorial(k - 1)
+    sin = sin * x
+    q = quarter.astype(np.int64)
+    cos_t = np.choose(q, [cos, -sin, -cos, sin])
+    sin_t = np.choose(q, [sin, cos, -sin, -cos])
+    return cos_t, sin_t
+
+
+# --- A reference for the spec, in plain integers ------------------------------------------
+
+_M0, _M1 = 0xD2E7470EE14C6C93, 0xCA5A826395121157
+_W0, _W1 = 0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B
+_MASK = (1 << 64) - 1
+
+
+def reference_block(seed: int, tensor_index: int, block: int) -> list[int]:
+    """Philox4x64-10 written out from its definition; selftest checks numpy against it."""
+    c = [block + 1, 0, 0, 0]
+    k = [check_seed(seed), tensor_index]
+    for _ in range(10):
+        p0, p1 = _M0 * c[0], _M1 * c[2]
+        c = [(p1 >> 64) ^ c[1] ^ k[0], p1 & _MASK, (p0 >> 64) ^ c[3] ^ k[1], p0 & _MASK]
+        k = [(k[0] + _W0) & _MASK, (k[1] + _W1) & _MASK]
+    return c

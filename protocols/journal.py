@@ -1,0 +1,171 @@
+"""The journal: an append-only, crash-safe record of every commit. It is the run's truth.
+
+Exported weights + the journal's commits, replayed in order, give the model of any
+round. Format (``docs/protocol.md``, "Journal")::
+
+    b"ZOWJOURNAL1\\n"
+    then records: uint32 LE length | uint32 LE CRC-32 of the payload | payload (UTF-8 JSON)
+
+The first record is the header (``{"type": "header", ...}``); commit records hold a
+``CommitMessage``'s wire fields plus ``"type": "commit"``. A record counts once
+``append`` returns: it is written, flushed and fsync'ed. A crash mid-write leaves a torn
+last record, which reading detects (short frame or bad CRC at the end of the file) and
+drops; damage anywhere else is an error, because silently skipping a commit would change
+every later bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import JournalError, ProtocolError
+from .messages import CommitMessage
+
+MAGIC = b"ZOWJOURNAL1\n"
+_FRAME = struct.Struct("<II")
+MAX_RECORD_BYTES = 64 << 20
+
+
+@dataclass
+class JournalContents:
+    header: dict
+    records: list[dict] = field(default_factory=list)
+    torn_bytes: int = 0  # bytes of a torn last record that reading dropped
+    valid_bytes: int = 0  # where the last good record ends
+
+    @property
+    def commits(self) -> list[CommitMessage]:
+        out = []
+        for record in self.records:
+            if record.get("type") == "commit":
+                body = {k: v for k, v in record.items() if k != "type"}
+                try:
+                    out.append(CommitMessage.from_wire(body))
+                except ProtocolError as exc:
+                    raise JournalError(f"journal commit record is invalid: {exc}") from exc
+        return out
+
+
+def read_journal(path: Path) -> JournalContents:
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+        raise JournalError(f"{path} is not a zowarmup journal (bad magic)")
+    pos, payloads, torn = len(MAGIC), [], 0
+    while pos < len(data):
+        if pos + _FRAME.size > len(data):
+            torn = len(data) - pos
+            break
+        length, crc = _FRAME.unpack_from(data, pos)
+        end = pos + _FRAME.size + length
+        if length > MAX_RECORD_BYTES:
+            raise JournalError(f"{path}: record at byte {pos} claims {length} bytes")
+        if end > len(data):
+            torn = len(data) - pos
+            break
+        payload = data[pos + _FRAME.size:end]
+        if zlib.crc32(payload) != crc:
+            if end == len(data):
+                torn = len(data) - pos
+                break
+            raise JournalError(f"{path}: record at byte {pos} fails its checksum and is not the "
+                               "last one; the journal is damaged")
+        payloads.append(payload)
+        pos = end
+    records = [_parse(p, path) for p in payloads]
+    if not records or records[0].get("type") != "header":
+        raise JournalError(f"{path} has no header record")
+    base = records[0].get("base_version")
+    if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+        raise JournalError(f"{path}: header needs an integer base_version >= 0")
+    return JournalContents(records[0], records[1:], torn, len(data) - torn)
+
+
+def _parse(payload: bytes, path: Path) -> dict:
+    try:
+        record = json.loads(payload)
+    except ValueError as exc:
+        raise JournalError(f"{path}: a record with a good checksum is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise JournalError(f"{path}: a record is not a JSON object")
+    return record
+
+
+class Journal:
+    """Appends records durably; opening an existing journal drops a torn tail first."""
+
+    def __init__(self, path: Path, contents: JournalContents) -> None:
+        self.path = Path(path)
+        self.header = contents.header
+        self.commits = contents.commits
+        self.records = [r for r in contents.records if r.get("type") != "commit"]
+        self._file = open(self.path, "r+b")  # noqa: SIM115 - held open for appends
+        self._file.truncate(contents.valid_bytes)
+        self._file.seek(contents.valid_bytes)
+        self.dropped_bytes = contents.torn_bytes
+
+    @classmethod
+    def create(cls, path: Path, header: dict) -> Journal:
+        path = Path(path)
+        if not isinstance(header.get("base_version"), int):
+            raise JournalError("a journal header needs base_version: the state version that "
+                               "its first commit applies to")
+        if path.exists():
+            raise JournalError(f"{path} already exists; open it to continue the run")
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + _frame({"type": "header", **header}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: Path) -> Journal:
+        return cls(path, read_journal(path))
+
+    @property
+    def version(self) -> int:
+        """State version after the last commit (the base version with none)."""
+        return self.commits[-1].commit.round + 1 if self.commits else self.header["base_version"]
+
+    def append_commit(self, message: CommitMessage) -> None:
+        if message.commit.round != self.version:
+            raise JournalError(f"commit for round {message.commit.round} cannot follow version "
+                               f"{self.version}")
+        self.append({"type": "commit", **message.to_wire()})
+        self.commits.append(message)
+
+    def append(self, record: dict) -> None:
+        self._file.write(_frame(record))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if record.get("type") != "commit":
+            self.records.append(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _frame(record: dict) -> bytes:
+    payload = json.dumps(record, allow_nan=False, separators=(",", ":")).encode()
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

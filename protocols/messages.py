@@ -1,0 +1,342 @@
+"""Every message of the conversation, as typed, validated objects.
+
+A message is a frozen dataclass with ``to_wire() -> dict`` and ``from_wire(dict)``; the
+codec (``codec.py``) turns it into bytes. ``from_wire`` checks every field (type, range,
+finiteness, length) and raises ``ProtocolError`` naming the field, so nothing malformed
+reaches a state machine. Versions: a model state of version ``k`` is the exported
+weights plus the commits of rounds ``0 .. k-1``; round ``k`` is computed on version ``k``
+and its commit makes version ``k + 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from . import validate as v
+from .directions import DirectionSpec
+from .errors import ProtocolError
+from .zo import Commit
+
+MAX_SEEDS_PER_AGENT = 1024
+MAX_AGENTS_PER_ROUND = 100_000
+MAX_PAIRS = 2_000_000
+MAX_COMMITS_PER_SYNC = 1_000
+_FP = 32  # hex digits of a weights fingerprint
+_SHA = 64
+_ROUND_MAX = 2**40
+
+
+def _seeds(values: list, where: str) -> tuple[int, ...]:
+    out = []
+    for s in values:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
+            raise ProtocolError(f"{where}: seeds must be integers in [0, 2**64)", "bad_seed")
+        out.append(s)
+    if len(set(out)) != len(out):
+        raise ProtocolError(f"{where}: seeds repeat", "bad_seed")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an agent tells about itself, so the orchestrator can plan rounds around it."""
+
+    memory_mb: int
+    cores: int
+    samples: int
+    platform: str = ""
+    version: str = ""
+
+    def to_wire(self) -> dict:
+        return {"memory_mb": self.memory_mb, "cores": self.cores, "samples": self.samples,
+                "platform": self.platform, "version": self.version}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Capabilities:
+        w = "hello.capabilities"
+        v.no_extra(d, {"memory_mb", "cores", "samples", "platform", "version"}, w)
+        return cls(v.integer(d, "memory_mb", w, 0, 1 << 30), v.integer(d, "cores", w, 1, 4096),
+                   v.integer(d, "samples", w, 0, 1 << 40), v.text(d, "platform", w, 128),
+                   v.text(d, "version", w, 64))
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Agent -> orchestrator on (re)connect: who it is, what it holds, what it can do."""
+
+    type: ClassVar[str] = "hello"
+    agent_id: str
+    capabilities: Capabilities
+    model_sha256: str = ""  # "" when the agent holds no model yet
+    version: int = -1  # model state version held; -1 with no model
+    fingerprint: str = ""
+
+    def to_wire(self) -> dict:
+        return {"agent_id": self.agent_id, "capabilities": self.capabilities.to_wire(),
+                "model_sha256": self.model_sha256, "version": self.version,
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Hello:
+        w = "hello"
+        v.no_extra(d, {"agent_id", "capabilities", "model_sha256", "version", "fingerprint"}, w)
+        has_model = v.integer(d, "version", w, -1, _ROUND_MAX) >= 0
+        return cls(v.identifier(d, "agent_id", w),
+                   Capabilities.from_wire(v.mapping(d, "capabilities", w)),
+                   v.hexdigest(d, "model_sha256", w, _SHA) if has_model else "",
+                   d["version"],
+                   v.hexdigest(d, "fingerprint", w, _FP) if has_model else "")
+
+
+@dataclass(frozen=True)
+class ModelAnnounce:
+    """Orchestrator -> all, retained: the model in use, the state it starts from, the ZO rules.
+
+    Files travel separately in chunks (``topics.model_chunk``); each is checked against
+    the manifest's SHA-256 before use.
+    """
+
+    type: ClassVar[str] = "model"
+    model_sha256: str
+    manifest: str  # the manifest.json text, verified against model_sha256
+    version: int  # state version that weights.bin holds
+    fingerprint: str  # fingerprint of that state
+    spec: DirectionSpec = field(default_factory=DirectionSpec)
+    chunk_bytes: int = 256 * 1024
+    snapshot: str = ""  # "" = the exported weights.bin; else the snapshot file name
+
+    def to_wire(self) -> dict:
+        return {"model_sha256": self.model_sha256, "manifest": self.manifest,
+                "version": self.version, "fingerprint": self.fingerprint,
+                "spec": self.spec.to_dict(), "chunk_bytes": self.chunk_bytes,
+                "snapshot": self.snapshot}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> ModelAnnounce:
+        w = "model"
+        v.no_extra(d, {"model_sha256", "manifest", "version", "fingerprint", "spec",
+                       "chunk_bytes", "snapshot"}, w)
+        spec = v.mapping(d, "spec", w)
+        v.no_extra(spec, {"distribution", "scale"}, "model.spec")
+        return cls(v.hexdigest(d, "model_sha256", w, _SHA), v.text(d, "manifest", w, 4 << 20),
+                   v.integer(d, "version", w, 0, _ROUND_MAX), v.hexdigest(d, "fingerprint", w, _FP),
+                   DirectionSpec(v.text(spec, "distribution", "model.spec", 32),
+                                 v.number(spec, "scale", "model.spec", 1e-12, 1e3)),
+                   v.integer(d, "chunk_bytes", w, 1024, 16 << 20), v.text(d, "snapshot", w, 128))
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """Orchestrator -> all: round ``round`` on state version ``round``; seeds per chosen agent."""
+
+    type: ClassVar[str] = "round"
+    round: int
+    fingerprint: str  # of state version ``round``: an agent that differs must resync
+    eps: float
+    assignments: dict[str, tuple[int, ...]]
+    deadline_s: float = 60.0
+    local_steps: int = 1  # >1: FedKSeed-style local steps, each on its own seeds
+    local_lr: float = 0.0
+
+    def to_wire(self) -> dict:
+        return {"round": self.round, "fingerprint": self.fingerprint, "eps": self.eps,
+                "assignments": {a: list(s) for a, s in self.assignments.items()},
+                "deadline_s": self.deadline_s, "local_steps": self.local_steps,
+                "local_lr": self.local_lr}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> RoundStart:
+        w = "round"
+        v.no_extra(d, {"round", "fingerprint", "eps", "assignments", "deadline_s",
+                       "local_steps", "local_lr"}, w)
+        raw = v.mapping(d, "assignments", w)
+        if len(raw) > MAX_AGENTS_PER_ROUND:
+            raise ProtocolError(f"round: more than {MAX_AGENTS_PER_ROUND} agents", "too_long")
+        assignments = {}
+        for agent, seeds in raw.items():
+            v.check_identifier(agent, "round.assignments")
+            if not isinstance(seeds, list) or not 0 < len(seeds) <= MAX_SEEDS_PER_AGENT:
+                raise ProtocolError(f"round.assignments[{agent!r}] must be a list of 1 to "
+                                    f"{MAX_SEEDS_PER_AGENT} seeds", "bad_type")
+            assignments[agent] = _seeds(seeds, f"round.assignments[{agent!r}]")
+        steps = v.integer(d, "local_steps", w, 1, 10_000)
+        for agent, seeds in assignments.items():
+            if len(seeds) % steps:
+                raise ProtocolError(f"round.assignments[{agent!r}]: {len(seeds)} seeds do not "
+                                    f"split into {steps} local steps", "bad_seed")
+        return cls(v.integer(d, "round", w, 0, _ROUND_MAX), v.hexdigest(d, "fingerprint", w, _FP),
+                   v.number(d, "eps", w, 1e-12, 1e3), assignments,
+                   v.number(d, "deadline_s", w, 0.001, 7 * 86400.0), steps,
+                   v.number(d, "local_lr", w, 0.0, 1e6))
+
+
+@dataclass(frozen=True)
+class Result:
+    """Agent -> orchestrator: one projected gradient per seed, on state ``fingerprint``."""
+
+    type: ClassVar[str] = "result"
+    agent_id: str
+    round: int
+    seeds: tuple[int, ...]
+    scalars: tuple[float, ...]
+    samples: int
+    fingerprint: str
+    loss: float = 0.0  # mean of L+ and L- over all directions: the agent's training loss
+    compute_s: float = 0.0
+
+    def to_wire(self) -> dict:
+        return {"agent_id": self.agent_id, "round": self.round, "seeds": list(self.seeds),
+                "scalars": list(self.scalars), "samples": self.samples,
+                "fingerprint": self.fingerprint, "loss": self.loss, "compute_s": self.compute_s}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Result:
+        w = "result"
+        v.no_extra(d, {"agent_id", "round", "seeds", "scalars", "samples", "fingerprint",
+                       "loss", "compute_s"}, w)
+        seeds = _seeds(v.sequence(d, "seeds", w, MAX_SEEDS_PER_AGENT), w)
+        scalars = tuple(v.finite(x, f"{w}: scalar")
+                        for x in v.sequence(d, "scalars", w, MAX_SEEDS_PER_AGENT))
+        if len(scalars) != len(seeds) or not seeds:
+            raise ProtocolError(f"{w}: {len(scalars)} scalars for {len(seeds)} seeds",
+                                "bad_scalars")
+        return cls(v.identifier(d, "agent_id", w), v.integer(d, "round", w, 0, _ROUND_MAX),
+                   seeds, scalars, v.integer(d, "samples", w, 1, 1 << 40),
+                   v.hexdigest(d, "fingerprint", w, _FP), v.number(d, "loss", w, -1e30, 1e30),
+                   v.number(d, "compute_s", w, 0.0, 1e9))
+
+
+def _commit_to_wire(commit: Commit) -> dict:
+    return {"round": commit.round, "pairs": [[s, c] for s, c in commit.pairs]}
+
+
+def _commit_from_wire(d: object, where: str) -> Commit:
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{where} must be an object", "bad_type")
+    v.no_extra(d, {"round", "pairs"}, where)
+    pairs = []
+    for pair in v.sequence(d, "pairs", where, MAX_PAIRS):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ProtocolError(f"{where}: each pair is [seed, coefficient]", "bad_type")
+        seed = _seeds([pair[0]], where)[0]
+        pairs.append((seed, v.finite(pair[1], f"{where}: coefficient")))
+    return Commit(v.integer(d, "round", where, 0, _ROUND_MAX), tuple(pairs))
+
+
+@dataclass(frozen=True)
+class CommitMessage:
+    """Orchestrator -> all, after the journal holds it: apply these pairs to version ``round``."""
+
+    type: ClassVar[str] = "commit"
+    commit: Commit
+    fingerprint: str  # of version round + 1, after applying
+
+    def to_wire(self) -> dict:
+        return {**_commit_to_wire(self.commit), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> CommitMessage:
+        fp = v.hexdigest(d, "fingerprint", "commit", _FP)
+        return cls(_commit_from_wire({k: x for k, x in d.items() if k != "fingerprint"},
+                                     "commit"), fp)
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """Agent -> orchestrator: "I hold version ``version``; send what I missed"."""
+
+    type: ClassVar[str] = "sync"
+    agent_id: str
+    version: int
+    fingerprint: str = ""
+
+    def to_wire(self) -> dict:
+        return {"agent_id": self.agent_id, "version": self.version,
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> SyncRequest:
+        w = "sync"
+        v.no_extra(d, {"agent_id", "version", "fingerprint"}, w)
+        version = v.integer(d, "version", w, -1, _ROUND_MAX)
+        return cls(v.identifier(d, "agent_id", w), version,
+                   v.hexdigest(d, "fingerprint", w, _FP) if version >= 0 else "")
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    """Orchestrator -> one agent: the commits it missed, or "fetch the snapshot" when too far."""
+
+    type: ClassVar[str] = "sync_reply"
+    agent_id: str
+    commits: tuple[CommitMessage, ...] = ()
+    snapshot: bool = False
+
+    def to_wire(self) -> dict:
+        return {"agent_id": self.agent_id, "commits": [c.to_wire() for c in self.commits],
+                "snapshot": self.snapshot}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> SyncReply:
+        w = "sync_reply"
+        v.no_extra(d, {"agent_id", "commits", "snapshot"}, w)
+        commits = []
+        for c in v.sequence(d, "commits", w, MAX_COMMITS_PER_SYNC):
+            if not isinstance(c, dict):
+                raise ProtocolError(f"{w}: commits hold objects", "bad_type")
+            commits.append(CommitMessage.from_wire(c))
+        rounds = [c.commit.round for c in commits]
+        if rounds and rounds != list(range(rounds[0], rounds[0] + len(rounds))):
+            raise ProtocolError(f"{w}: commits must be consecutive rounds, got {rounds}", "gap")
+        if not isinstance(d.get("snapshot"), bool):
+            raise ProtocolError(f"{w}: 'snapshot' must be true or false", "bad_type")
+        return cls(v.identifier(d, "agent_id", w), tuple(commits), d["snapshot"])
+
+
+@dataclass(frozen=True)
+class Status:
+    """Agent -> orchestrator (also its MQTT last will): online, offline or leaving."""
+
+    type: ClassVar[str] = "status"
+    agent_id: str
+    state: str  # "online" | "offline"
+
+    def to_wire(self) -> dict:
+        return {"agent_id": self.agent_id, "state": self.state}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Status:
+        w = "status"
+        v.no_extra(d, {"agent_id", "state"}, w)
+        state = v.text(d, "state", w, 16)
+        if state not in ("online", "offline"):
+            raise ProtocolError(f"{w}: state must be 'online' or 'offline'", "out_of_range")
+        return cls(v.identifier(d, "agent_id", w), state)
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either way: a refusal, so the other side can log why its message did nothing."""
+
+    type: ClassVar[str] = "error"
+    code: str
+    detail: str
+    round: int = -1
+
+    def to_wire(self) -> dict:
+        return {"code": self.code, "detail": self.detail, "round": self.round}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Error:
+        w = "error"
+        v.no_extra(d, {"code", "detail", "round"}, w)
+        return cls(v.text(d, "code", w, 64), v.text(d, "detail", w, 2048),
+                   v.integer(d, "round", w, -1, _ROUND_MAX))
+
+
+MESSAGE_TYPES: dict[str, type] = {m.type: m for m in (
+    Hello, ModelAnnounce, RoundStart, Result, CommitMessage, SyncRequest, SyncReply, Status,
+    Error)}
+Message = (Hello | ModelAnnounce | RoundStart | Result | CommitMessage | SyncRequest | SyncReply
+           | Status | Error)

@@ -1,0 +1,87 @@
+"""The MQTT topic layout, and MQTT's topic-filter matching for the in-memory bus.
+
+Every run lives under ``zowarmup/<run>/``::
+
+    zowarmup/<run>/model                      orchestrator -> all   ModelAnnounce (retained)
+    zowarmup/<run>/model/<file>/<chunk>       orchestrator -> all   raw file bytes (retained)
+    zowarmup/<run>/round                      orchestrator -> all   RoundStart
+    zowarmup/<run>/commit                     orchestrator -> all   CommitMessage (retained)
+    zowarmup/<run>/agent/<id>/hello           agent -> orchestrator Hello
+    zowarmup/<run>/agent/<id>/result          agent -> orchestrator Result
+    zowarmup/<run>/agent/<id>/sync            agent -> orchestrator SyncRequest
+    zowarmup/<run>/agent/<id>/status          agent -> orchestrator Status (and last will)
+    zowarmup/<run>/agent/<id>/inbox           orchestrator -> agent SyncReply, Error
+
+An agent publishes only below its own ``agent/<id>/`` (a broker ACL can enforce it), and
+the id in the topic must equal the id in the message, so one agent cannot speak for
+another. Everything the orchestrator publishes sits outside ``agent/``, except inboxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ProtocolError
+from .validate import check_identifier
+
+ROOT = "zowarmup"
+AGENT_KINDS = ("hello", "result", "sync", "status")
+
+
+def base(run: str) -> str:
+    return f"{ROOT}/{check_identifier(run, 'run id')}"
+
+
+def model(run: str) -> str:
+    return f"{base(run)}/model"
+
+
+def model_chunk(run: str, file: str, chunk: int) -> str:
+    return f"{base(run)}/model/{check_identifier(file, 'file name')}/{chunk}"
+
+
+def round_start(run: str) -> str:
+    return f"{base(run)}/round"
+
+
+def commit(run: str) -> str:
+    return f"{base(run)}/commit"
+
+
+def agent(run: str, agent_id: str, kind: str) -> str:
+    if kind not in AGENT_KINDS + ("inbox",):
+        raise ValueError(f"unknown agent topic kind {kind!r}")
+    return f"{base(run)}/agent/{check_identifier(agent_id, 'agent id')}/{kind}"
+
+
+def agents_filter(run: str) -> str:
+    """What the orchestrator subscribes to: everything agents send."""
+    return f"{base(run)}/agent/+/+"
+
+
+@dataclass(frozen=True)
+class AgentTopic:
+    agent_id: str
+    kind: str
+
+
+def parse_agent_topic(run: str, topic: str) -> AgentTopic:
+    """Split ``zowarmup/<run>/agent/<id>/<kind>``; refuse anything else."""
+    prefix = f"{base(run)}/agent/"
+    parts = topic[len(prefix):].split("/") if topic.startswith(prefix) else []
+    if len(parts) != 2 or parts[1] not in AGENT_KINDS:
+        raise ProtocolError(f"topic {topic!r} is not an agent topic of run {run!r}", "bad_topic")
+    return AgentTopic(check_identifier(parts[0], "agent id in topic"), parts[1])
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 section 4.7 matching of ``+`` (one level) and ``#`` (the rest)."""
+    fparts, tparts = topic_filter.split("/"), topic.split("/")
+    for i, f in enumerate(fparts):
+        if f == "#":
+            return not (i == 0 and topic.startswith("$"))
+        if i >= len(tparts) or (f != "+" and f != tparts[i]):
+            return False
+        if f == "+" and i == 0 and topic.startswith("$"):
+            return False
+    return len(fparts) == len(tparts)

@@ -1,0 +1,102 @@
+"""Strict field readers for data that came from outside (network, files, flags).
+
+Each reader names the field that is wrong and why, so a refusal can be logged as is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .errors import ProtocolError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def _get(data: dict, key: str, where: str) -> Any:
+    if key not in data:
+        raise ProtocolError(f"{where}: missing field {key!r}", "missing_field")
+    return data[key]
+
+
+def integer(data: dict, key: str, where: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    value = _get(data, key, where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{where}: {key!r} must be an integer, got {type(value).__name__}",
+                            "bad_type")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{where}: {key!r}={value} is outside [{lo}, {hi}]", "out_of_range")
+    return value
+
+
+def number(data: dict, key: str, where: str, lo: float = -1e30, hi: float = 1e30) -> float:
+    value = _get(data, key, where)
+    return finite(value, f"{where}: {key!r}", lo, hi)
+
+
+def finite(value: Any, what: str, lo: float = -1e30, hi: float = 1e30) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{what} must be a number, got {type(value).__name__}", "bad_type")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ProtocolError(f"{what} is not finite ({value})", "non_finite")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{what}={value:g} is outside [{lo:g}, {hi:g}]", "out_of_range")
+    return value
+
+
+def text(data: dict, key: str, where: str, max_len: int = 256) -> str:
+    value = _get(data, key, where)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where}: {key!r} must be a string, got {type(value).__name__}",
+                            "bad_type")
+    if len(value) > max_len:
+        raise ProtocolError(f"{where}: {key!r} is longer than {max_len} characters", "too_long")
+    return value
+
+
+def identifier(data: dict, key: str, where: str) -> str:
+    value = text(data, key, where, 64)
+    if not _ID.match(value):
+        raise ProtocolError(f"{where}: {key!r}={value!r} is not a valid id (letters, digits, "
+                            "'_', '.', '-', at most 64, not starting with a symbol)", "bad_id")
+    return value
+
+
+def check_identifier(value: str, what: str) -> str:
+    return identifier({"id": value}, "id", what)
+
+
+def hexdigest(data: dict, key: str, where: str, length: int) -> str:
+    value = text(data, key, where, length)
+    if len(value) != length or not _HEX.match(value):
+        raise ProtocolError(f"{where}: {key!r} must be {length} lowercase hex digits", "bad_hash")
+    return value
+
+
+def sequence(data: dict, key: str, where: str, max_len: int) -> list:
+    value = _get(data, key, where)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where}: {key!r} must be a list, got {type(value).__name__}",
+                            "bad_type")
+    if len(value) > max_len:
+        raise ProtocolError(f"{where}: {key!r} has {len(value)} items, at most {max_len}",
+                            "too_long")
+    return value
+
+
+def mapping(data: dict, key: str, where: str) -> dict:
+    value = _get(data, key, where)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: {key!r} must be an object, got {type(value).__name__}",
+                            "bad_type")
+    return value
+
+
+def no_extra(data: dict, allowed: set[str], where: str) -> None:
+    extra = set(data) - allowed
+    if extra:
+        raise ProtocolError(f"{where}: unknown field(s) {', '.join(sorted(extra))}",
+                            "unknown_field")
