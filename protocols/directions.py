@@ -12,9 +12,9 @@ vectors (``vectors.json``), not "whatever numpy does today":
   independent, and any chunk can be generated without the ones before it.
 * Rademacher: parameter ``p`` of the tensor takes bit ``p % 64`` (least significant
   first) of word ``p // 64``; bit 1 gives ``+scale``, bit 0 gives ``-scale``.
-* Gaussian: parameters ``2k`` and ``2k+1`` take words ``2k`` and ``2k+1`` through
-  Box–Muller, computed with the float64 basic operations only (see ``_ln`` and
-  ``_sincos_turn``), so that no platform's libm can change a bit.
+* Gaussian: parameters ``2k`` and ``2k+1`` take words ``2k`` and ``2k+1`` (block ``j``
+  feeds parameters ``4j .. 4j+3``) through Box–Muller, computed with the float64 basic
+  operations only (``_ln``, ``_sincos_turn``), so that no platform's libm changes a bit.
 * Applying: ``w <- fl32(w + fl32(fl32(alpha) * z))`` element by element, where ``z`` is
   the float32 direction value. Commits, perturbations and their undo all use it.
 """
@@ -146,7 +146,7 @@ _HALF_PI = 1.5707963267948966
 
 
 def _gaussian(seed: int, tensor_index: int, start: int, count: int, scale: float) -> np.ndarray:
-    words = raw_words(seed, tensor_index, start // _BLOCK_PARAMS, count + (count & 1))
+    words = raw_words(seed, tensor_index, start // 4, count + (count & 1))  # 4 values a block
     top = (words >> np.uint64(11)).astype(np.float64)  # 53 random bits, exact in float64
     u1 = (top[0::2] + 1.0) * 2.0**-53  # (0, 1]: log is finite
     u2 = top[1::2] * 2.0**-53  # [0, 1): a fraction of a full turn

@@ -60,8 +60,8 @@ def run_selftest(vectors: dict | None = None) -> list[str]:
     for case in vectors["derive_seed"]:
         got = derive_seed(case["run_seed"], case["round"], case["client"], case["direction"])
         if got != int(case["seed"], 16):
-            problems.append(f"derive_seed{tuple(case[k] for k in ('run_seed', 'round', 'client', 'direction'))}"
-                            f" gives {got:016x}, want {case['seed']}")
+            args = tuple(case[k] for k in ("run_seed", "round", "client", "direction"))
+            problems.append(f"derive_seed{args} gives {got:016x}, want {case['seed']}")
     return problems
 
 

@@ -26,7 +26,8 @@ class Fleet:
         self.spec = spec or DirectionSpec()
         self.weights = initial_weights()
         self.coord = Coordinator(RUN, 5, self.spec, 0, fingerprint(self.weights),
-                                 policy or RoundPolicy(eps=1e-3, lr=0.05), keep_commits=keep_commits)
+                                 policy or RoundPolicy(eps=1e-3, lr=0.05),
+                                 keep_commits=keep_commits)
         self.orch = self.bus.connect("orchestrator")
         for f in self.coord.subscriptions():
             self.orch.subscribe(f)

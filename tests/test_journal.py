@@ -1,0 +1,101 @@
+"""The journal: durable appends, torn tails dropped, damage refused, replay gives the bits."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocols.directions import DirectionSpec
+from protocols.errors import JournalError
+from protocols.journal import MAGIC, Journal, read_journal
+from protocols.messages import CommitMessage
+from protocols.zo import Commit, apply_commit, derive_seed, fingerprint, replay
+from tests.toy import initial_weights
+
+HEADER = {"run_id": "r", "base_version": 0, "spec": DirectionSpec().to_dict()}
+
+
+def _chain(n: int) -> tuple[list[CommitMessage], str]:
+    w = initial_weights()
+    out = []
+    for r in range(n):
+        c = Commit(r, tuple((derive_seed(1, r, k, 0), 0.01 * (k + 1)) for k in range(3)))
+        apply_commit(w, c, DirectionSpec())
+        out.append(CommitMessage(c, fingerprint(w)))
+    return out, fingerprint(w)
+
+
+def test_journal_replays_to_the_live_bits(tmp_path):
+    chain, final = _chain(5)
+    with Journal.create(tmp_path / "j", HEADER) as j:
+        for m in chain:
+            j.append_commit(m)
+    contents = read_journal(tmp_path / "j")
+    assert contents.header["run_id"] == "r" and contents.torn_bytes == 0
+    assert contents.commits == chain
+    w = initial_weights()
+    replay(w, [m.commit for m in contents.commits], DirectionSpec())
+    assert fingerprint(w) == final
+
+
+def test_every_torn_tail_is_dropped_and_appends_continue(tmp_path):
+    chain, _ = _chain(3)
+    path = tmp_path / "j"
+    with Journal.create(path, HEADER) as j:
+        for m in chain[:2]:
+            j.append_commit(m)
+    good = path.read_bytes()
+    with Journal.open(path) as j:
+        j.append_commit(chain[2])
+    full = path.read_bytes()
+    for cut in range(len(good) + 1, len(full)):
+        path.write_bytes(full[:cut])
+        contents = read_journal(path)
+        assert contents.commits == chain[:2] and contents.torn_bytes == cut - len(good)
+    path.write_bytes(full[:len(good) + 20])
+    with Journal.open(path) as j:
+        assert j.dropped_bytes == 20 and j.version == 2
+        j.append_commit(chain[2])
+    assert path.read_bytes() == full
+
+
+def test_a_zeroed_last_record_counts_as_torn(tmp_path):
+    chain, _ = _chain(2)
+    path = tmp_path / "j"
+    with Journal.create(path, HEADER) as j:
+        for m in chain:
+            j.append_commit(m)
+    data = bytearray(path.read_bytes())
+    data[-10:] = bytes(10)
+    path.write_bytes(bytes(data))
+    assert read_journal(path).commits == chain[:1]
+
+
+def test_damage_before_the_end_is_an_error(tmp_path):
+    chain, _ = _chain(3)
+    path = tmp_path / "j"
+    with Journal.create(path, HEADER) as j:
+        for m in chain:
+            j.append_commit(m)
+    data = bytearray(path.read_bytes())
+    data[len(MAGIC) + 12] ^= 0xFF  # inside the header record
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match="damaged"):
+        read_journal(path)
+
+
+def test_out_of_order_commits_and_bad_files_are_refused(tmp_path):
+    chain, _ = _chain(3)
+    with Journal.create(tmp_path / "j", HEADER) as j:
+        j.append_commit(chain[0])
+        with pytest.raises(JournalError):
+            j.append_commit(chain[2])
+        with pytest.raises(JournalError):
+            j.append_commit(chain[0])
+        assert j.version == 1
+    with pytest.raises(JournalError):
+        Journal.create(tmp_path / "j", HEADER)
+    (tmp_path / "other").write_bytes(b"not a journal")
+    with pytest.raises(JournalError, match="magic"):
+        read_journal(tmp_path / "other")
+    with pytest.raises(JournalError, match="base_version"):
+        Journal.create(tmp_path / "k", {"run_id": "r"})
