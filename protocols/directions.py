@@ -74,9 +74,14 @@ def check_seed(seed: int) -> int:
 
 def raw_words(seed: int, tensor_index: int, first_block: int, n_words: int) -> np.ndarray:
     """``n_words`` uint64 words of the stream for ``(seed, tensor_index)`` from a block on."""
+    return _stream(seed, tensor_index, first_block).random_raw(n_words)
+
+
+def _stream(seed: int, tensor_index: int, first_block: int) -> np.random.Philox:
+    """The tensor's bit stream positioned at ``first_block``; draws continue block by block."""
     key = np.array([check_seed(seed), tensor_index], dtype=np.uint64)
     counter = np.array([first_block, 0, 0, 0], dtype=np.uint64)
-    return np.random.Philox(key=key, counter=counter).random_raw(n_words)
+    return np.random.Philox(key=key, counter=counter)
 
 
 def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, count: int
@@ -91,16 +96,24 @@ def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, cou
 
 def axpy_direction(flat: np.ndarray, alpha: float, spec: DirectionSpec, seed: int,
                    tensor_index: int, chunk: int = CHUNK) -> None:
-    """In place: ``flat <- fl32(flat + fl32(alpha * z))`` for one tensor, chunk by chunk."""
+    """In place: ``flat <- fl32(flat + fl32(alpha * z))`` for one tensor, chunk by chunk.
+
+    One bit stream per tensor is drawn in order, so no chunk re-keys the generator.
+    """
+    if chunk % _BLOCK_PARAMS:
+        raise ValueError(f"chunk must be a multiple of {_BLOCK_PARAMS}, got {chunk}")
     a = np.float32(alpha)
+    stream = _stream(seed, tensor_index, 0)
     # fl32(a * (+-scale)) == +-fl32(a * scale): one table of the two signed values serves all.
     table = _sign_table(a * np.float32(spec.scale))
     for start in range(0, flat.size, chunk):
         part = flat[start:start + chunk]
+        n = part.size
         if spec.distribution == RADEMACHER:
-            part += table[_sign_bytes(seed, tensor_index, start, part.size)].reshape(-1)[:part.size]
+            signs = _bytes(stream.random_raw(-(-n // 64)))
+            part += table.take(signs, axis=0).reshape(-1)[:n]
         else:
-            part += a * _gaussian(seed, tensor_index, start, part.size, spec.scale)
+            part += a * _box_muller(stream.random_raw(n + (n & 1)), spec.scale)[:n]
 
 
 def axpy(weights: Sequence[np.ndarray], alpha: float, spec: DirectionSpec, seed: int) -> None:
@@ -122,13 +135,13 @@ _BIT = np.arange(8, dtype=np.uint8)
 _BYTE_BITS = ((np.arange(256, dtype=np.uint8)[:, None] >> _BIT) & 1).astype(bool)
 
 
-def _sign_bytes(seed: int, tensor_index: int, start: int, count: int) -> np.ndarray:
-    words = raw_words(seed, tensor_index, start // _BLOCK_PARAMS, -(-count // 64))
+def _bytes(words: np.ndarray) -> np.ndarray:
     return words.astype("<u8", copy=False).view(np.uint8)
 
 
 def _signs(seed: int, tensor_index: int, start: int, count: int) -> np.ndarray:
-    bits = np.unpackbits(_sign_bytes(seed, tensor_index, start, count), bitorder="little")
+    words = raw_words(seed, tensor_index, start // _BLOCK_PARAMS, -(-count // 64))
+    bits = np.unpackbits(_bytes(words), bitorder="little")
     return (bits[:count].astype(np.float32) * np.float32(2)) - np.float32(1)
 
 
@@ -147,6 +160,11 @@ _HALF_PI = 1.5707963267948966
 
 def _gaussian(seed: int, tensor_index: int, start: int, count: int, scale: float) -> np.ndarray:
     words = raw_words(seed, tensor_index, start // 4, count + (count & 1))  # 4 values a block
+    return _box_muller(words, scale)[:count]
+
+
+def _box_muller(words: np.ndarray, scale: float) -> np.ndarray:
+    """Two float32 normals per pair of words (an even count of words)."""
     top = (words >> np.uint64(11)).astype(np.float64)  # 53 random bits, exact in float64
     u1 = (top[0::2] + 1.0) * 2.0**-53  # (0, 1]: log is finite
     u2 = top[1::2] * 2.0**-53  # [0, 1): a fraction of a full turn
@@ -155,7 +173,7 @@ def _gaussian(seed: int, tensor_index: int, start: int, count: int, scale: float
     out = np.empty(u1.size * 2, dtype=np.float64)
     out[0::2] = radius * cos
     out[1::2] = radius * sin
-    return (out[:count] * float(scale)).astype(np.float32)
+    return (out * float(scale)).astype(np.float32)
 
 
 def _ln(x: np.ndarray) -> np.ndarray:
