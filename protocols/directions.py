@@ -22,7 +22,7 @@ vectors (``vectors.json``), not "whatever numpy does today":
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +96,17 @@ def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, cou
 
 def axpy_direction(flat: np.ndarray, alpha: float, spec: DirectionSpec, seed: int,
                    tensor_index: int, chunk: int = CHUNK) -> None:
-    """In place: ``flat <- fl32(flat + fl32(alpha * z))`` for one tensor, chunk by chunk.
+    """In place: ``flat <- fl32(flat + fl32(alpha * z))`` for one tensor, chunk by chunk."""
+    for start, delta in scaled_chunks(flat.size, alpha, spec, seed, tensor_index, chunk):
+        flat[start:start + delta.size] += delta
 
-    One bit stream per tensor is drawn in order, so no chunk re-keys the generator.
+
+def scaled_chunks(size: int, alpha: float, spec: DirectionSpec, seed: int, tensor_index: int,
+                  chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, fl32(alpha * z[start:start+chunk]))`` over a tensor of ``size`` elements.
+
+    One bit stream per tensor is drawn in order, so no chunk re-keys the generator. The
+    arrays are temporaries of one chunk: callers add them, or use them to undo exactly.
     """
     if chunk % _BLOCK_PARAMS:
         raise ValueError(f"chunk must be a multiple of {_BLOCK_PARAMS}, got {chunk}")
@@ -106,14 +114,13 @@ def axpy_direction(flat: np.ndarray, alpha: float, spec: DirectionSpec, seed: in
     stream = _stream(seed, tensor_index, 0)
     # fl32(a * (+-scale)) == +-fl32(a * scale): one table of the two signed values serves all.
     table = _sign_table(a * np.float32(spec.scale))
-    for start in range(0, flat.size, chunk):
-        part = flat[start:start + chunk]
-        n = part.size
+    for start in range(0, size, chunk):
+        n = min(chunk, size - start)
         if spec.distribution == RADEMACHER:
             signs = _bytes(stream.random_raw(-(-n // 64)))
-            part += table.take(signs, axis=0).reshape(-1)[:n]
+            yield start, table.take(signs, axis=0).reshape(-1)[:n]
         else:
-            part += a * _box_muller(stream.random_raw(n + (n & 1)), spec.scale)[:n]
+            yield start, a * _box_muller(stream.random_raw(n + (n & 1)), spec.scale)[:n]
 
 
 def axpy(weights: Sequence[np.ndarray], alpha: float, spec: DirectionSpec, seed: int) -> None:
