@@ -1,0 +1,168 @@
+"""The agent's ZO engine: forward passes only, weights held once and perturbed in place.
+
+The hot path is MeZO's three steps, with directions regenerated from their seeds:
+
+    perturb(+eps) -> loss over the shard -> restore
+    perturb(-eps) -> loss over the shard -> restore
+    g = (L+ - L-) / 2 eps
+
+Float32 addition is not exactly reversible (``(w + d) - d`` can differ from ``w`` in the
+last bit), yet the agent must end every round on the orchestrator's exact bits. So
+``perturb`` keeps an *undo log*: the original value of each element whose round trip
+would not restore it. That is a few percent of the elements at most, instead of a second
+copy of the model; ``restore`` subtracts the same direction and patches those elements.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from protocols.directions import DirectionSpec, axpy, scaled_chunks
+from protocols.manifest import Manifest, load_manifest, read_weights
+from protocols.messages import CommitMessage
+from protocols.zo import apply_commit, fingerprint, projected_gradient
+
+from .shard import Shard, check_shard
+
+Undo = list[tuple[int, np.ndarray, np.ndarray]]  # (tensor index, flat indices, original values)
+
+
+@dataclass(frozen=True)
+class RoundOutput:
+    scalars: tuple[float, ...]
+    loss: float  # mean of every L+ and L- measured
+    samples: int
+    seconds: float
+    undo_elements: int  # the largest undo log of the round, in elements
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class ZoEngine:
+    def __init__(self, model_dir: Path, shard: Shard, spec: DirectionSpec | None = None,
+                 micro_batch: int = 64, threads: int | None = None, verify: bool = True,
+                 manifest: Manifest | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest or load_manifest(self.model_dir, verify=verify)
+        self.shard = check_shard(shard, self.manifest)
+        self.spec = spec or DirectionSpec()
+        self.micro_batch = max(1, int(micro_batch))
+        self.flat, self.weights = read_weights(self.model_dir, self.manifest)
+        self.session = ort.InferenceSession(str(self.model_dir / self.manifest.graph),
+                                            session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self._binding = self.session.io_binding()
+        self._bind_weights()
+
+    def _bind_weights(self) -> None:
+        """Hand ONNX Runtime views of our buffers: in-place updates need no rebinding."""
+        self._values = [ort.OrtValue.ortvalue_from_numpy(t) for t in self.weights]
+        for p, value in zip(self.manifest.parameters, self._values):
+            self._binding.bind_ortvalue_input(p.name, value)
+        for name in self.manifest.outputs:
+            self._binding.bind_output(name)
+
+    # --- forward passes ----------------------------------------------------------------
+
+    def evaluate(self, shard: Shard | None = None) -> tuple[float, int]:
+        """Mean loss and correct count over a shard (the local one by default)."""
+        shard = shard or self.shard
+        total_loss, correct = 0.0, 0
+        for x, y in shard.batches(self.micro_batch):
+            loss, right = self._forward(x, y)
+            total_loss += loss * len(y)
+            correct += right
+        return total_loss / len(shard), correct
+
+    def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        self._binding.bind_cpu_input(self.manifest.input_name, x)
+        self._binding.bind_cpu_input(self.manifest.label_name, y)
+        self.session.run_with_iobinding(self._binding)
+        loss, correct = self._binding.copy_outputs_to_cpu()
+        return float(loss), int(correct)
+
+    # --- the ZO step -------------------------------------------------------------------
+
+    def perturb(self, seed: int, alpha: float) -> Undo:
+        """``w <- w + alpha z(seed)`` in place, remembering what the way back would lose."""
+        undo: Undo = []
+        for index, tensor in enumerate(self.weights):
+            flat = tensor.reshape(-1)
+            for start, delta in scaled_chunks(flat.size, alpha, self.spec, seed, index):
+                part = flat[start:start + delta.size]
+                before = part.copy()
+                part += delta
+                lost = np.flatnonzero((part - delta).view(np.uint32) != before.view(np.uint32))
+                if lost.size:
+                    undo.append((index, start + lost, before[lost]))
+        return undo
+
+    def restore(self, seed: int, alpha: float, undo: Undo) -> None:
+        """Exactly undo ``perturb(seed, alpha)``."""
+        axpy(self.weights, -alpha, self.spec, seed)
+        for index, where, values in undo:
+            self.weights[index].reshape(-1)[where] = values
+
+    def round(self, seeds: Sequence[int], eps: float, local_steps: int = 1,
+              local_lr: float = 0.0) -> RoundOutput:
+        """One projected gradient per seed over the whole shard; weights end unchanged.
+
+        With ``local_steps > 1`` (FedKSeed style) the seeds split into steps; after each
+        step the local update is applied, and all local updates are undone at the end,
+        since only the commit may change the shared state.
+        """
+        started = time.perf_counter()
+        per_step = len(seeds) // local_steps
+        scalars: list[float] = []
+        losses: list[float] = []
+        local_undo: list[tuple[int, float, Undo]] = []
+        largest = 0
+        for step in range(local_steps):
+            step_seeds = seeds[step * per_step:(step + 1) * per_step]
+            for seed in step_seeds:
+                pair = []
+                for alpha in (eps, -eps):
+                    undo = self.perturb(seed, alpha)
+                    largest = max(largest, sum(u[1].size for u in undo))
+                    pair.append(self.evaluate()[0])
+                    self.restore(seed, alpha, undo)
+                scalars.append(projected_gradient(pair[0], pair[1], eps))
+                losses += pair
+            if step + 1 < local_steps:
+                for seed, g in zip(step_seeds, scalars[-per_step:]):
+                    alpha = -local_lr * g / per_step
+                    local_undo.append((seed, alpha, self.perturb(seed, alpha)))
+        for seed, alpha, undo in reversed(local_undo):
+            self.restore(seed, alpha, undo)
+        return RoundOutput(tuple(scalars), float(np.mean(losses)), len(self.shard),
+                           time.perf_counter() - started, largest)
+
+    def apply(self, commits: Sequence[CommitMessage]) -> str:
+        for message in commits:
+            apply_commit(self.weights, message.commit, self.spec)
+        return self.fingerprint()
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.weights)
+
+    def load_weights(self, path: Path) -> None:
+        """Replace the weights with a snapshot file (same layout as weights.bin), in place."""
+        data = np.fromfile(path, dtype="<f4")
+        if data.size != self.flat.size:
+            raise ValueError(f"snapshot {path} holds {data.size} values, the model has "
+                             f"{self.flat.size}")
+        self.flat[:] = data
