@@ -1,0 +1,125 @@
+"""The embedded amqtt broker: the orchestrator's zero-install broker, MQTT 3.1.1 only."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+
+import pytest
+
+from edge_agent.mqtt import ConnectFailed, ConnectRefused, Message, MqttTransport
+from orchestrator.broker import BrokerStartError, EmbeddedBroker
+
+
+@pytest.fixture
+def broker():
+    with EmbeddedBroker(port=0) as b:
+        yield b
+
+
+@pytest.fixture
+def clients():
+    made: list[MqttTransport] = []
+
+    def make(url: str, **kwargs) -> MqttTransport:
+        t = MqttTransport(url, **kwargs)
+        made.append(t)
+        t.connect(timeout=5)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def test_port_zero_picks_a_free_port_that_accepts_connections(broker):
+    assert broker.running
+    assert broker.port > 0
+    assert broker.url == f"mqtt://127.0.0.1:{broker.port}"
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=2):
+        pass
+
+
+def test_two_clients_exchange_binary_messages(broker, clients):
+    a = clients(broker.url, client_id="orchestrator")
+    b = clients(broker.url, client_id="pi-1")
+    b.subscribe("zowarmup/run/round", qos=1)
+    a.subscribe("zowarmup/run/agent/+/result", qos=1)
+    b.publish("zowarmup/run/settle", b"", qos=1, wait=True)  # SUBSCRIBE processed
+    a.publish("zowarmup/run/settle", b"", qos=1, wait=True)
+
+    chunk = bytes(range(256)) * 1024  # a 256 KiB model chunk
+    a.publish("zowarmup/run/round", chunk, qos=1, wait=True)
+    assert b.get(timeout=5) == Message("zowarmup/run/round", chunk, False)
+    b.publish("zowarmup/run/agent/pi-1/result", b"\x00\xff" * 8, qos=1, wait=True)
+    assert a.get(timeout=5) == Message("zowarmup/run/agent/pi-1/result", b"\x00\xff" * 8, False)
+    assert a.get(timeout=0.1) is None and b.get(timeout=0) is None
+
+
+def test_retained_message_reaches_a_late_subscriber(broker, clients):
+    a = clients(broker.url)
+    a.publish("zowarmup/run/model", b"manifest", qos=1, retain=True, wait=True)
+    late = clients(broker.url)
+    late.subscribe("zowarmup/run/model", qos=1)
+    assert late.get(timeout=5) == Message("zowarmup/run/model", b"manifest", True)
+
+
+def test_small_round_trips_are_fast(broker, clients):
+    """asyncio sets TCP_NODELAY on accepted sockets; with Nagle on, this is ~40+ ms."""
+    t = clients(broker.url)
+    t.subscribe("zowarmup/run/loop", qos=1)
+    t.publish("zowarmup/run/settle", b"", qos=1, wait=True)
+    times = []
+    for i in range(30):
+        started = time.perf_counter()
+        t.publish("zowarmup/run/loop", b"%d" % i, qos=1)
+        assert t.get(timeout=5).payload == b"%d" % i
+        times.append(time.perf_counter() - started)
+    assert statistics.median(times) * 1000 < 20
+
+
+def test_mqtt5_connect_is_refused_with_a_clear_error(broker):
+    t = MqttTransport(broker.url, protocol="5")
+    with pytest.raises(ConnectRefused, match="does not speak MQTT 5") as info:
+        t.connect(timeout=5)
+    assert "protocol version" in info.value.reason.lower()
+    t.close()
+
+
+def test_stop_closes_the_port_and_a_restart_brings_clients_back():
+    b = EmbeddedBroker(port=0).start()
+    t = MqttTransport(b.url, reconnect_min_delay=0.05, reconnect_max_delay=0.2)
+    try:
+        t.connect(timeout=5)
+        t.subscribe("zowarmup/run/commit", qos=1)
+        b.stop()
+        assert not b.running
+        deadline = time.monotonic() + 5
+        while t.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not t.connected
+        with pytest.raises(ConnectFailed):
+            MqttTransport(b.url).connect(timeout=2)
+
+        b.start()  # the same port as before
+        assert t.wait_connected(10)
+        t.publish("zowarmup/run/settle", b"", qos=1, wait=True)  # re-subscription processed
+        t.publish("zowarmup/run/commit", b"c1", qos=1, wait=True)
+        assert t.get(timeout=5) == Message("zowarmup/run/commit", b"c1", False)
+    finally:
+        t.close()
+        b.stop()
+
+
+def test_a_taken_port_gives_a_clear_error(broker):
+    with pytest.raises(BrokerStartError, match=f"127.0.0.1:{broker.port}"):
+        EmbeddedBroker(port=broker.port).start()
+
+
+def test_anonymous_can_be_refused():
+    with EmbeddedBroker(port=0, allow_anonymous=False) as b:
+        t = MqttTransport(b.url)
+        with pytest.raises(ConnectRefused):
+            t.connect(timeout=5)
+        t.close()
