@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -41,6 +42,59 @@ def selftest() -> None:
         click.echo(f"selftest FAILED on {where}: {len(problems)} difference(s)", err=True)
         sys.exit(1)
     click.echo(f"selftest ok ({where}; {time.perf_counter() - started:.2f} s)")
+
+
+@main.command()
+@click.option("--broker", required=True, metavar="URL",
+              help="mqtt://host:port or mqtts://host:port of the fleet's broker.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="This device's shard: a .npz with x and y (see docs/protocol.md).")
+@click.option("--id", "agent_id", default=None,
+              help="Agent id, unique in the fleet (default: the host name).")
+@click.option("--run", "run_id", default="default", show_default=True, help="Run id to join.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("zowarmup-agent-state"), show_default=True,
+              help="Where downloaded models are kept between restarts.")
+@click.option("--username", default=None, help="Broker user name.")
+@click.option("--password", default=None, envvar="ZOWARMUP_PASSWORD",
+              help="Broker password (or set ZOWARMUP_PASSWORD).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--mqtt", "protocol", type=click.Choice(["3.1.1", "5"]), default="3.1.1",
+              show_default=True, help="MQTT protocol version.")
+@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
+              help="Samples per forward pass; lower it to use less memory.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="ONNX Runtime threads (default: all cores).")
+def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, tls_cert,
+        tls_key, protocol, micro_batch, threads) -> None:
+    """Join a fleet: fetch the model, take part in rounds, stay in sync.
+
+    Runs until SIGTERM or Ctrl-C; reconnects by itself after a lost connection.
+    """
+    import logging
+    import signal
+    import socket
+
+    from protocols.errors import ZoError
+
+    from .daemon import AgentConfig, AgentDaemon
+    from .mqtt import Tls
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tls = Tls(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert or tls_key) else None
+    try:
+        daemon = AgentDaemon(AgentConfig(
+            broker, data, agent_id or socket.gethostname().split(".")[0], run_id, state_dir,
+            username, password, tls, protocol, micro_batch, threads))
+    except (ZoError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    try:
+        daemon.run()
+    except KeyboardInterrupt:
+        daemon.stop()
 
 
 if __name__ == "__main__":

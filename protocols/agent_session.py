@@ -75,6 +75,7 @@ class AgentSession:
         self._pending: RoundStart | None = None  # a round to join once caught up
         self._busy = False  # the engine is loading, computing or applying
         self._latest = -1  # the newest commit round heard of
+        self._report = False  # say hello once a catch-up is applied
 
     def subscriptions(self) -> list[str]:
         run = self.run_id
@@ -106,6 +107,7 @@ class AgentSession:
         if isinstance(message, SyncReply) and topic == inbox and message.agent_id == self.agent_id:
             if message.snapshot and self.announce is not None:
                 return self._load(self.announce)
+            self._report = bool(message.commits)
             return self._on_commits(message.commits)
         if isinstance(message, Error) and topic == inbox:
             return [Refused(message)]
@@ -175,7 +177,8 @@ class AgentSession:
             self.version = -1 if self.announce is None else self.version
             return self._load(self.announce) if self.announce is not None else []
         self.version, self.fingerprint = last.commit.round + 1, fingerprint
-        return self._resume()
+        report, self._report = self._report, False
+        return (self.connected()[1:] if report else []) + self._resume()
 
     # --- helpers -------------------------------------------------------------------------
 

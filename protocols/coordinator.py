@@ -114,7 +114,7 @@ class Coordinator:
     # --- what the driver subscribes to and announces -----------------------------------
 
     def subscriptions(self) -> list[str]:
-        return [topics.agents_filter(self.run_id)]
+        return topics.agent_filters(self.run_id)
 
     def announce(self, announce: ModelAnnounce) -> Send:
         return Send(topics.model(self.run_id), encode(announce), retain=True)
@@ -200,8 +200,10 @@ class Coordinator:
         return [Send(topics.agent(self.run_id, agent_id, "inbox"), encode(error))]
 
     def _on_hello(self, hello: Hello, now: float) -> list[Send]:
-        self.agents[hello.agent_id] = AgentRecord(hello.capabilities, hello.version,
-                                                  hello.fingerprint, True, now)
+        record = self.agents.setdefault(hello.agent_id, AgentRecord(hello.capabilities))
+        record.capabilities, record.version, record.fingerprint = (hello.capabilities,
+                                                                   hello.version, hello.fingerprint)
+        record.online, record.last_seen = True, now
         if hello.version < 0:
             return []
         return self._sync_reply(hello.agent_id, hello.version, hello.fingerprint)
@@ -263,5 +265,7 @@ class Coordinator:
                                 f"{result.fingerprint}, the round is on {r.start.fingerprint}",
                                 result.round)
         r.results[agent] = result
-        self.agents[agent].results += 1
+        record = self.agents[agent]
+        record.results += 1
+        record.version, record.fingerprint = result.round, result.fingerprint
         return []

@@ -54,9 +54,9 @@ def agent(run: str, agent_id: str, kind: str) -> str:
     return f"{base(run)}/agent/{check_identifier(agent_id, 'agent id')}/{kind}"
 
 
-def agents_filter(run: str) -> str:
-    """What the orchestrator subscribes to: everything agents send."""
-    return f"{base(run)}/agent/+/+"
+def agent_filters(run: str) -> list[str]:
+    """What the orchestrator subscribes to: everything agents send (not the inboxes)."""
+    return [f"{base(run)}/agent/+/{kind}" for kind in AGENT_KINDS]
 
 
 @dataclass(frozen=True)

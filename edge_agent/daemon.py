@@ -1,0 +1,210 @@
+"""The device daemon: MQTT in, the agent state machine in the middle, the ZO engine out.
+
+One thread does all the work: it takes messages from the transport's queue (paho's
+network thread only fills it), feeds them to ``AgentSession``, and carries out what the
+session asks: download and load a model, compute a round, apply commits, publish. So a
+forward pass never runs on the network thread, and everything a round touches happens
+in one place, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocols.agent_session import AgentSession, Apply, Compute, LoadModel, Refused
+from protocols.coordinator import Send
+from protocols.errors import ProtocolError
+from protocols.messages import Capabilities
+
+from .download import ModelDownload, parse_announced_manifest
+from .engine import ZoEngine
+from .mqtt import ConnectFailed, MqttTransport, Tls, Will
+from .shard import load_shard
+
+log = logging.getLogger("zowarmup.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    broker: str
+    data: Path
+    agent_id: str
+    run_id: str = "default"
+    state_dir: Path = Path("zowarmup-agent-state")
+    username: str | None = None
+    password: str | None = None
+    tls: Tls | None = None
+    protocol: str = "3.1.1"
+    micro_batch: int = 64
+    threads: int | None = None
+    connect_timeout: float = 10.0
+
+
+def capabilities(samples: int, threads: int | None) -> Capabilities:
+    try:
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError, AttributeError):
+        memory_mb = 0
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        agent_version = version("zowarmup")
+    except PackageNotFoundError:
+        agent_version = "dev"
+    return Capabilities(int(memory_mb), threads or os.cpu_count() or 1, samples,
+                        f"{platform.machine()}-{platform.system()}".lower()[:128], agent_version)
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.samples = _count_samples(config.data)
+        self.session = AgentSession(config.run_id, config.agent_id,
+                                    capabilities(self.samples, config.threads))
+        self.engine: ZoEngine | None = None
+        self.download: ModelDownload | None = None
+        self.stop_event = threading.Event()
+        will = self.session.last_will()
+        self.transport = MqttTransport(
+            config.broker, client_id=f"zowarmup-{config.run_id}-{config.agent_id}",
+            protocol=config.protocol, username=config.username, password=config.password,
+            tls=config.tls, will=Will(will.topic, will.payload, retain=will.retain))
+        self._connects_seen = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._connect_with_backoff()
+        for topic_filter in self.session.subscriptions():
+            self.transport.subscribe(topic_filter)
+        try:
+            while not self.stop_event.is_set():
+                if self.transport.connects != self._connects_seen and self.transport.connected:
+                    self._connects_seen = self.transport.connects
+                    log.info("connected to %s as %s", self.config.broker, self.config.agent_id)
+                    self._publish(self.session.connected())
+                message = self.transport.get(timeout=0.2)
+                if message is not None:
+                    self._on_message(message.topic, message.payload)
+        finally:
+            log.info("stopping: sending offline status and closing the connection")
+            self._publish([self.session.last_will()])
+            self.transport.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _connect_with_backoff(self) -> None:
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                self.transport.connect(self.config.connect_timeout)
+                return
+            except ConnectFailed as exc:
+                log.warning("cannot reach %s (%s); retrying in %.1f s", self.config.broker, exc,
+                            delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    # --- messages -------------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.download is not None:
+            try:
+                if self.download.offer(topic, payload):
+                    if self.download.complete:
+                        self._finish_download()
+                    return
+            except ProtocolError as exc:
+                log.warning("model download: %s", exc)
+                return
+        self._handle(self.session.receive(topic, payload))
+
+    def _handle(self, events: list) -> None:
+        queue = list(events)
+        while queue:
+            event = queue.pop(0)
+            if isinstance(event, Send):
+                self._publish([event])
+            elif isinstance(event, LoadModel):
+                self._start_download(event)
+            elif isinstance(event, Compute):
+                queue += self._compute(event)
+            elif isinstance(event, Apply):
+                fp = self.engine.apply(event.commits)
+                log.info("applied commit(s) %s", ", ".join(str(c.commit.round)
+                                                          for c in event.commits))
+                queue += self.session.applied(event.commits, fp)
+            elif isinstance(event, Refused):
+                log.warning("orchestrator refused our message: %s (%s)", event.error.detail,
+                            event.error.code)
+
+    def _publish(self, sends: list[Send]) -> None:
+        for send in sends:
+            try:
+                self.transport.publish(send.topic, send.payload, retain=send.retain)
+            except Exception as exc:  # noqa: BLE001 - a lost publish is retried by the protocol
+                log.warning("publish to %s failed: %s", send.topic, exc)
+
+    # --- work -------------------------------------------------------------------------
+
+    def _compute(self, event: Compute) -> list:
+        start = event.start
+        log.info("round %d: %d direction(s) over %d samples", start.round, len(event.seeds),
+                 self.samples)
+        out = self.engine.round(event.seeds, start.eps, start.local_steps, start.local_lr)
+        log.info("round %d: done in %.2f s, loss %.4f", start.round, out.seconds, out.loss)
+        return self.session.computed(start, out.scalars, out.samples, out.loss, out.seconds)
+
+    def _start_download(self, event: LoadModel) -> None:
+        announce = event.announce
+        try:
+            manifest = parse_announced_manifest(announce)
+        except ProtocolError as exc:
+            log.error("announced model refused: %s", exc)
+            return
+        directory = self.config.state_dir / "models" / announce.model_sha256[:16]
+        self.download = ModelDownload(self.config.run_id, announce, manifest, directory)
+        log.info("loading model %s (state version %d): %d file(s) to fetch",
+                 announce.model_sha256[:12], announce.version, len(self.download.files))
+        if self.download.complete:
+            self._finish_download()
+            return
+        for topic_filter in self.download.filters():
+            self.transport.subscribe(topic_filter)
+
+    def _finish_download(self) -> None:
+        download, self.download = self.download, None
+        for topic_filter in download.filters():
+            self.transport.unsubscribe(topic_filter)
+        announce = download.announce
+        try:
+            download.finish()
+            shard = load_shard(self.config.data, download.manifest)
+            engine = ZoEngine(download.directory, shard, announce.spec,
+                              micro_batch=self.config.micro_batch, threads=self.config.threads,
+                              manifest=download.manifest)
+            if announce.snapshot:
+                engine.load_weights(download.directory / announce.snapshot)
+        except (ProtocolError, ValueError, OSError) as exc:
+            log.error("model %s cannot be used: %s", announce.model_sha256[:12], exc)
+            return
+        self.engine = engine
+        fp = engine.fingerprint()
+        log.info("model ready: %d parameters, state version %d, fingerprint %s",
+                 download.manifest.num_parameters, announce.version, fp[:12])
+        self._handle(self.session.model_loaded(announce.model_sha256, announce.version, fp))
+
+
+def _count_samples(path: Path) -> int:
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return int(data["y"].shape[0])
+    except (OSError, KeyError, ValueError) as exc:
+        raise ProtocolError(f"shard {path} cannot be read: {exc}", "bad_shard") from None
+
