@@ -1,0 +1,1 @@
+"""The workstation side of zowarmup: data, model zoo, warm-up, rounds, export, reports."""

@@ -1,0 +1,198 @@
+"""The ``zowarmup`` command line: the workstation side of the project.
+
+Heavy libraries (torch, onnx) are imported inside commands, so ``zowarmup --help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from protocols.errors import ZoError
+from protocols.manifest import MANIFEST, Manifest
+
+MODEL_NAMES = ("cnn", "resnet18-gn", "resnet18-bn", "vit")  # orchestrator.zoo.MODELS, unloaded
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """zowarmup: federated zeroth-order training for devices too small to backpropagate."""
+
+
+# --- option parsing helpers -------------------------------------------------------------
+
+
+def _numbers(kind: Callable[[str], float | int]) -> Callable:
+    """A click callback parsing "1,2,3" into a tuple of numbers (None stays None)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in value.replace(" ", "").split(",") if v)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
+                                     f"{kind.__name__}s, e.g. 3,32,32") from None
+
+    return parse
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",")) if value else ()
+
+
+def _normalization(mean: tuple | None, std: tuple | None) -> dict | None:
+    if (mean is None) != (std is None):
+        raise click.UsageError("give --mean and --std together (or neither)")
+    return None if mean is None else {"mean": list(mean), "std": list(std)}
+
+
+def metadata_options(f: Callable) -> Callable:
+    """Options shared by both export commands: what the manifest tells devices about data."""
+    f = click.option("--std", callback=_numbers(float), metavar="S1,S2,...",
+                     help="Per-channel std of input normalization, e.g. 0.247,0.243,0.261 "
+                          "(recorded in the manifest; the graph does not normalize).")(f)
+    f = click.option("--mean", callback=_numbers(float), metavar="M1,M2,...",
+                     help="Per-channel mean of input normalization, e.g. 0.491,0.482,0.447.")(f)
+    f = click.option("--class-names", callback=_names, metavar="A,B,...",
+                     help="Comma-separated class names, one per class.")(f)
+    f = click.option("--verify", is_flag=True,
+                     help="Check ONNX Runtime against the reference on random batches of two "
+                          "sizes, at the exported and at perturbed weights (fails above "
+                          "1e-4 loss difference).")(f)
+    return click.option("--trainable", default="all", show_default=True, metavar="REGEX",
+                        help="Which weights train: 'all' or a regex searched in their names "
+                             "(e.g. '^fc\\.' for the head only); the rest is baked into the "
+                             "graph as constants.")(f)
+
+
+# --- reporting ------------------------------------------------------------------------
+
+
+def report(manifest: Manifest, out: Path, seconds: float) -> None:
+    """What was written: time, file sizes and parameter counts."""
+    click.echo(f"exported {manifest.model} to {out} in {seconds:.1f} s")
+    click.echo(f"  trainable: {manifest.num_parameters:,} parameters in "
+               f"{len(manifest.parameters)} tensors; frozen: {manifest.frozen_parameters:,}")
+    click.echo(f"  input x: [batch, {', '.join(map(str, manifest.input_shape))}] float32, "
+               f"{manifest.num_classes} classes, opset {manifest.opset}, "
+               f"batchnorm {manifest.batchnorm}")
+    for name in (manifest.graph, manifest.weights, MANIFEST):
+        size = (out / name).stat().st_size
+        click.echo(f"  {name:<14} {size:>14,} bytes ({size / 2**20:.2f} MiB)")
+
+
+def run_verify(model_dir: Path, reference) -> None:
+    from export import VerifyError, verify_model_dir
+
+    started = time.perf_counter()
+    try:
+        result = verify_model_dir(model_dir, reference)
+    except VerifyError as exc:
+        raise click.ClickException(f"verify failed: {exc}\nThe graph does not compute what the "
+                                   "model computes; do not use this export.") from None
+    click.echo(result.summary())
+    click.echo(f"verified in {time.perf_counter() - started:.1f} s")
+
+
+# --- zowarmup export ------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True, short_help="Export a zoo model (or lift an ONNX one).")
+@click.option("--model", "model_name", type=click.Choice(MODEL_NAMES), default="resnet18-gn",
+              show_default=True, help="Zoo model to export.")
+@click.option("--num-classes", type=click.IntRange(2), default=10, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write model.onnx, weights.bin and manifest.json into.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Weights to export: a torch.save'd state_dict of the same model, width and "
+                   "class count. Without it the model is freshly initialized (--seed).")
+@click.option("--width", type=click.IntRange(1), default=None,
+              help="Base channels (cnn, resnet) or embedding size (vit); default: the "
+                   "model's own (32, 64, 192).")
+@click.option("--image-size", type=click.IntRange(4), default=32, show_default=True)
+@click.option("--in-channels", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Initialization seed when no --checkpoint is given.")
+@metadata_options
+@click.pass_context
+def export(ctx: click.Context, model_name: str, num_classes: int, out: Path | None,
+           checkpoint: Path | None, width: int | None, image_size: int, in_channels: int,
+           seed: int, trainable: str, verify: bool, class_names: tuple[str, ...],
+           mean: tuple | None, std: tuple | None) -> None:
+    """Export a zoo model as a forward-only ONNX graph with its weights as inputs.
+
+    \b
+    zowarmup export --model resnet18-gn --num-classes 10 --out DIR [--verify]
+    zowarmup export hook MODEL.onnx --out DIR      (lift a third-party ONNX model)
+
+    The directory holds model.onnx (inputs x, y and the trainable weights; outputs
+    loss and correct), weights.bin (float32, manifest order) and manifest.json.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise click.UsageError("--out DIR is required: where to write the exported model")
+    from export import export_model, select_parameters, torch_reference
+    from orchestrator.zoo import build_model, input_shape, load_checkpoint
+
+    normalization = _normalization(mean, std)
+    try:
+        model = build_model(model_name, num_classes, in_channels, image_size, width, seed)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint)
+        started = time.perf_counter()
+        manifest = export_model(model, out, input_shape(in_channels, image_size), num_classes,
+                                trainable, normalization, class_names, model_name)
+        report(manifest, out, time.perf_counter() - started)
+        if verify:
+            names = select_parameters(model, trainable).torch_names
+            run_verify(out, torch_reference(model, names))
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@export.command("hook")
+@click.argument("onnx_model", metavar="MODEL.onnx",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write model.onnx, weights.bin and manifest.json into.")
+@click.option("--output", "output", metavar="NAME",
+              help="The logits output [batch, classes], when the model has several "
+                   "candidates or none is recognized.")
+@click.option("--input-shape", callback=_numbers(int), metavar="C,H,W",
+              help="Sample shape without the batch, when the model's input does not fix it.")
+@click.option("--name", "model_name", help="Model name for the manifest (default: file stem).")
+@metadata_options
+def export_hook(onnx_model: Path, out: Path, output: str | None, input_shape: tuple | None,
+                model_name: str | None, trainable: str, verify: bool,
+                class_names: tuple[str, ...], mean: tuple | None, std: tuple | None) -> None:
+    """Lift a third-party ONNX classifier into the exported form.
+
+    MODEL.onnx needs one float32 input and a [batch, classes] logits output, with its
+    weights as float32 initializers. The chosen initializers (default: every float
+    tensor of 2+ elements except BatchNorm statistics) become graph inputs, in the
+    order the graph first reads them; a loss head (input y, outputs loss and correct)
+    is appended and the batch dimension made dynamic.
+    """
+    from export import lift_onnx
+
+    normalization = _normalization(mean, std)
+    try:
+        started = time.perf_counter()
+        lifted = lift_onnx(onnx_model, out, trainable=trainable, output=output,
+                           input_shape=input_shape, model_name=model_name,
+                           class_names=class_names, normalization=normalization)
+        report(lifted.manifest, out, time.perf_counter() - started)
+        if verify:
+            run_verify(out, lifted.reference())
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The ZO round loop over a real transport: publish the model, run rounds, journal, commit.
+
+This is the orchestrator's side of step 2 with the MQTT plumbing: the ``Coordinator``
+state machine decides, this loop moves bytes and time. Each round::
+
+    open_round -> publish seeds -> pump results until quorum or deadline -> close_round
+    -> apply to our weights -> journal (fsync) -> broadcast the commit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent.mqtt import MqttTransport
+from protocols import topics
+from protocols.coordinator import Coordinator, RoundPolicy, Send
+from protocols.directions import DirectionSpec
+from protocols.journal import Journal
+from protocols.manifest import MANIFEST, load_manifest, read_weights
+from protocols.messages import CommitMessage, ModelAnnounce
+from protocols.zo import Commit, apply_commit, fingerprint
+
+log = logging.getLogger("zowarmup.rounds")
+CHUNK_BYTES = 256 * 1024
+
+
+class RoundServer:
+    def __init__(self, transport: MqttTransport, model_dir: Path, run_id: str, run_seed: int,
+                 policy: RoundPolicy, spec: DirectionSpec | None = None,
+                 journal: Journal | None = None) -> None:
+        self.transport = transport
+        self.model_dir = Path(model_dir)
+        self.manifest = load_manifest(self.model_dir)
+        self.manifest_text = (self.model_dir / MANIFEST).read_text()
+        self.model_sha256 = hashlib.sha256(self.manifest_text.encode()).hexdigest()
+        self.flat, self.weights = read_weights(self.model_dir, self.manifest)
+        self.spec = spec or DirectionSpec()
+        self.journal = journal
+        self.coordinator = Coordinator(run_id, run_seed, self.spec, 0, fingerprint(self.weights),
+                                       policy)
+        for topic_filter in self.coordinator.subscriptions():
+            transport.subscribe(topic_filter)
+        self.uplink_bytes = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.coordinator.run_id
+
+    def publish_model(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        """Every file as retained chunks, then the announcement that points at them."""
+        for name in (self.manifest.graph, self.manifest.weights):
+            data = (self.model_dir / name).read_bytes()
+            for index, start in enumerate(range(0, max(len(data), 1), chunk_bytes)):
+                self.transport.publish(topics.model_chunk(self.run_id, name, index),
+                                       data[start:start + chunk_bytes], retain=True)
+        announce = ModelAnnounce(self.model_sha256, self.manifest_text, self.coordinator.version,
+                                 self.coordinator.fingerprint, self.spec, chunk_bytes)
+        self._send([self.coordinator.announce(announce)], wait=True)
+
+    def pump(self, seconds: float) -> None:
+        """Handle what agents send for a while (answers go out at once)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            message = self.transport.get(timeout=min(left, 0.05))
+            if message is not None:
+                self.uplink_bytes += len(message.payload)
+                self._send(self.coordinator.receive(message.topic, message.payload, time.time()))
+
+    def ready_agents(self) -> list[str]:
+        """Agents that said hello holding the current state."""
+        c = self.coordinator
+        return sorted(a for a, r in c.agents.items()
+                      if r.online and r.version == c.version and r.fingerprint == c.fingerprint)
+
+    def online_agents(self) -> list[str]:
+        return sorted(a for a, r in self.coordinator.agents.items() if r.online)
+
+    def wait_for_agents(self, count: int, timeout: float) -> list[str]:
+        end = time.monotonic() + timeout
+        while len(self.ready_agents()) < count and time.monotonic() < end:
+            self.pump(0.1)
+        return self.ready_agents()
+
+    def run_round(self, participants: Sequence[str]) -> Commit:
+        c = self.coordinator
+        self._send([c.open_round(participants, time.time())])
+        while not c.ready(time.time()):
+            self.pump(0.05)
+        commit = c.close_round()
+        apply_commit(self.weights, commit, self.spec)
+        fp = fingerprint(self.weights)
+        if self.journal is not None:
+            self.journal.append_commit(CommitMessage(commit, fp))
+        self._send([c.committed(commit, fp)])
+        log.info("round %d committed: %d pair(s), fingerprint %s", commit.round,
+                 len(commit.pairs), fp[:12])
+        return commit
+
+    def _send(self, sends: list[Send], wait: bool = False) -> None:
+        for send in sends:
+            self.transport.publish(send.topic, send.payload, retain=send.retain, wait=wait)

@@ -1,0 +1,138 @@
+"""Real `zowarmup-agent run` processes against a real Mosquitto, driven by the round loop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.mqtt import MqttTransport
+from edge_agent.shard import save_shard
+from protocols.coordinator import RoundPolicy
+from protocols.journal import Journal, read_journal
+from protocols.manifest import load_manifest, read_weights
+from protocols.zo import fingerprint, replay
+
+torch = pytest.importorskip("torch", reason="exporting the test model needs the orchestrator extra")
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_and_shards(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    from export import export_model
+    from orchestrator.zoo import build_model
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("fleet")
+    export_model(build_model("cnn", 10, in_channels=1, image_size=8, width=4), out / "model",
+                 (1, 8, 8), 10, model_name="cnn")
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    shards = []
+    for i in range(3):
+        path = out / f"shard{i}.npz"
+        save_shard(path, x[i * 120:(i + 1) * 120], y[i * 120:(i + 1) * 120], {"client": i})
+        shards.append(path)
+    return out / "model", shards
+
+
+def start_agent(url: str, agent_id: str, shard: Path, state: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--broker", url, "--data", str(shard),
+           "--id", agent_id, "--run", "e2e", "--state-dir", str(state), "--threads", "1",
+           "--micro-batch", "32"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
+                            cwd=ROOT)
+
+
+@pytest.fixture
+def fleet(mosquitto, model_and_shards, tmp_path):
+    from orchestrator.rounds import RoundServer
+    model_dir, shards = model_and_shards
+    transport = MqttTransport(mosquitto.url, client_id="orchestrator")
+    transport.connect(10)
+    journal = Journal.create(tmp_path / "journal", {"run_id": "e2e", "base_version": 0})
+    server = RoundServer(transport, model_dir, "e2e", 11,
+                         RoundPolicy(eps=1e-2, lr=0.05, directions=2, deadline_s=60),
+                         journal=journal)
+    server.publish_model(chunk_bytes=4096)
+    procs = {}
+
+    def spawn(i: int) -> None:
+        procs[f"pi{i}"] = start_agent(mosquitto.url, f"pi{i}", shards[i], tmp_path / f"state{i}",
+                                      tmp_path / f"agent{i}.log")
+
+    for i in range(len(shards)):
+        spawn(i)
+    yield server, procs, spawn, tmp_path
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    journal.close()
+    transport.close()
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("agent*.log"))
+
+
+def test_agents_hold_the_coordinators_bits_after_every_round(fleet):
+    server, procs, _, tmp_path = fleet
+    agents = server.wait_for_agents(3, timeout=60)
+    assert agents == ["pi0", "pi1", "pi2"], _logs(tmp_path)
+    for _ in range(4):
+        commit = server.run_round(agents)
+        # a result computed on any other bits than the coordinator's would be refused
+        assert not server.coordinator.refused, (server.coordinator.refusals, _logs(tmp_path))
+        assert len(commit.pairs) == 6
+    # one more round, left open: its results carry every agent's fingerprint after round 3
+    want = fingerprint(server.weights)
+    server._send([server.coordinator.open_round(agents, time.time())])
+    while not server.coordinator.ready(time.time()):
+        server.pump(0.05)
+    got = {a: r.fingerprint for a, r in server.coordinator.round_results().items()}
+    assert got == {a: want for a in agents}, _logs(tmp_path)
+    # the journal replays to the same bits
+    weights = read_weights(server.model_dir, load_manifest(server.model_dir))[1]
+    replay(weights, [m.commit for m in read_journal(tmp_path / "journal").commits], server.spec)
+    assert fingerprint(weights) == want
+    # and a SIGTERM'd agent says it left
+    procs["pi2"].send_signal(signal.SIGTERM)
+    assert procs["pi2"].wait(15) == 0
+    server.pump(1.0)
+    assert not server.coordinator.agents["pi2"].online
+
+
+def test_an_agent_killed_mid_round_rejoins_in_sync(fleet):
+    server, procs, spawn, tmp_path = fleet
+    c = server.coordinator
+    agents = server.wait_for_agents(3, timeout=60)
+    assert len(agents) == 3, _logs(tmp_path)
+    server.run_round(agents)
+    procs["pi1"].kill()  # SIGKILL while assigned to the next round: no result, no goodbye
+    procs["pi1"].wait(10)
+    c.policy = RoundPolicy(eps=1e-2, lr=0.05, directions=2, deadline_s=3.0)
+    commit = server.run_round(agents)  # closes at its deadline with the two that answered
+    assert len(commit.pairs) == 4
+    c.policy = RoundPolicy(eps=1e-2, lr=0.05, directions=2, deadline_s=60)
+    server.run_round(["pi0", "pi2"])
+    spawn(1)  # restarted: loads the model from its state directory, replays missed commits
+    end = time.time() + 60
+    while time.time() < end and c.agents["pi1"].version != c.version:
+        server.pump(0.2)
+    commit = server.run_round(agents)  # pi1 is counted only if it computed on our exact bits
+    assert not c.refused, (c.refusals, _logs(tmp_path))
+    assert len(commit.pairs) == 6, _logs(tmp_path)
+    assert c.agents["pi1"].fingerprint == c._history[-2].fingerprint

@@ -1,0 +1,124 @@
+"""The agent's ZO engine on a real exported model through ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.engine import ZoEngine
+from edge_agent.shard import Shard, load_shard, save_shard
+from protocols.directions import DirectionSpec, axpy
+from protocols.errors import ProtocolError
+from protocols.manifest import load_manifest, read_weights
+from protocols.messages import CommitMessage
+from protocols.zo import Commit, apply_commit, derive_seed, fingerprint
+
+torch = pytest.importorskip("torch", reason="exporting the test model needs the orchestrator extra")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), y.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from export import export_model
+    from orchestrator.zoo import build_model
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, in_channels=1, image_size=8, width=8)
+    out = tmp_path_factory.mktemp("cnn")
+    export_model(model, out, (1, 8, 8), 10, model_name="cnn")
+    return out, model
+
+
+@pytest.fixture
+def engine(model_dir, digits):
+    x, y = digits
+    return ZoEngine(model_dir[0], Shard(x[:200], y[:200]), micro_batch=32)
+
+
+def test_loss_matches_torch_on_the_same_weights(engine, model_dir, digits):
+    x, y = digits
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model_dir[1](torch.from_numpy(x[:200])),
+                                                 torch.from_numpy(y[:200])).item()
+    loss, correct = engine.evaluate()
+    assert abs(loss - want) < 1e-5 and 0 <= correct <= 200
+
+
+@pytest.mark.parametrize("spec", [DirectionSpec(), DirectionSpec("gaussian", 0.5)])
+def test_round_restores_the_exact_bits_and_measures_the_spsa_scalar(engine, spec):
+    engine.spec = spec
+    before = [w.copy() for w in engine.weights]
+    seeds = [derive_seed(3, 0, 0, j) for j in range(3)]
+    out = engine.round(seeds, eps=1e-2)
+    assert fingerprint(engine.weights) == fingerprint(before)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(engine.weights, before))
+    # the first scalar, recomputed through weights that are copies, not perturbed in place
+    losses = []
+    for alpha in (1e-2, -1e-2):
+        copy = [w.copy() for w in before]
+        axpy(copy, alpha, spec, seeds[0])
+        for w, c in zip(engine.weights, copy):
+            w[...] = c
+        losses.append(engine.evaluate()[0])
+    assert out.scalars[0] == pytest.approx((losses[0] - losses[1]) / 2e-2, rel=1e-9, abs=1e-12)
+    assert out.samples == 200 and out.undo_elements < 0.25 * engine.flat.size
+
+
+def test_local_steps_are_undone_and_change_later_scalars(engine):
+    fp = engine.fingerprint()
+    seeds = [derive_seed(4, 0, 0, j) for j in range(4)]
+    single = engine.round(seeds, 1e-2)
+    steps = engine.round(seeds, 1e-2, local_steps=2, local_lr=0.5)
+    assert engine.fingerprint() == fp
+    assert steps.scalars[:2] == single.scalars[:2] and steps.scalars[2:] != single.scalars[2:]
+
+
+def test_applying_commits_matches_the_protocol_and_lowers_the_loss(engine, model_dir):
+    reference = read_weights(model_dir[0], load_manifest(model_dir[0]))[1]
+    start_loss = engine.evaluate()[0]
+    for r in range(15):
+        seeds = [derive_seed(5, r, 0, j) for j in range(4)]
+        out = engine.round(seeds, 1e-2)
+        commit = Commit(r, tuple((s, 0.05 * g / 4) for s, g in zip(seeds, out.scalars)))
+        apply_commit(reference, commit, engine.spec)
+        assert engine.apply([CommitMessage(commit, fingerprint(reference))]) == \
+            fingerprint(reference)
+    assert engine.evaluate()[0] < start_loss
+
+
+def test_perturbation_is_seen_by_onnx_runtime_without_rebinding(engine):
+    base = engine.evaluate()[0]
+    undo = engine.perturb(7, 0.5)
+    assert engine.evaluate()[0] != base
+    engine.restore(7, 0.5, undo)
+    assert engine.evaluate()[0] == base
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x, y: (x.astype(np.float64), y), "float32"),
+    (lambda x, y: (x.reshape(len(x), 8, 8), y), "shape"),
+    (lambda x, y: (x, y + 5), "labels span"),
+    (lambda x, y: (x, y[:-1]), "one label per sample"),
+    (lambda x, y: (np.where(x > 0.5, np.nan, x).astype(np.float32), y), "NaN"),
+    (lambda x, y: (x[:0], y[:0]), "no samples"),
+])
+def test_bad_shards_are_refused_with_a_reason(model_dir, digits, tmp_path, change, message):
+    x, y = change(*digits)
+    save_shard(tmp_path / "s.npz", x, y) if x.dtype == np.float32 else \
+        np.savez(tmp_path / "s.npz", x=x, y=y)
+    with pytest.raises(ProtocolError, match=message):
+        load_shard(tmp_path / "s.npz", load_manifest(model_dir[0]))
+
+
+def test_a_good_shard_loads_with_its_metadata(model_dir, digits, tmp_path):
+    save_shard(tmp_path / "s.npz", digits[0][:10], digits[1][:10], {"client": 3})
+    shard = load_shard(tmp_path / "s.npz", load_manifest(model_dir[0]))
+    assert len(shard) == 10 and shard.meta == {"client": 3}
+    with pytest.raises(ProtocolError, match="no 'y'"):
+        np.savez(tmp_path / "t.npz", x=digits[0][:10])
+        load_shard(tmp_path / "t.npz", load_manifest(model_dir[0]))
