@@ -123,7 +123,7 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 10.0) -> None:
         loop, thread, broker = self._loop, self._thread, self._broker
         if loop is not None and broker is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
+            future = asyncio.run_coroutine_threadsafe(_shutdown(broker), loop)
             try:
                 future.result(timeout)
             except Exception as exc:
@@ -143,3 +143,35 @@ class EmbeddedBroker:
 
     def __repr__(self) -> str:
         return f"<EmbeddedBroker {self.url} {'running' if self.running else 'stopped'}>"
+
+
+async def _shutdown(broker) -> None:
+    """Stop amqtt with its port closed and every client connection dropped, at once.
+
+    amqtt's own shutdown closes its listener only after stopping each session, which can
+    stall on a session mid-handshake, and on Python < 3.12 it never closes connections
+    already accepted: clients would stay "connected" to a stopped broker until garbage
+    collection closed their sockets. So: close the listening sockets, abort the client
+    connections, then let amqtt tidy up for a bounded time and cancel what is left.
+    """
+    for server in getattr(broker, "_servers", {}).values():
+        if getattr(server, "instance", None) is not None:
+            server.instance.close()
+    _abort_connections()
+    try:
+        await asyncio.wait_for(broker.shutdown(), 3.0)
+    except Exception as exc:  # noqa: BLE001 - whatever amqtt raised, the broker is stopped
+        log.warning("embedded MQTT broker shutdown did not finish cleanly (%r)", exc)
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _abort_connections()
+
+
+def _abort_connections() -> None:
+    transports = getattr(asyncio.get_running_loop(), "_transports", {})
+    for transport in list(transports.values()):
+        if transport is not None and not transport.is_closing():
+            transport.abort()
