@@ -86,10 +86,21 @@ class RoundServer:
         return self.ready_agents()
 
     def run_round(self, participants: Sequence[str]) -> Commit:
-        c = self.coordinator
-        self._send([c.open_round(participants, time.time())])
-        while not c.ready(time.time()):
+        self.open_round(participants)
+        self.wait_ready()
+        return self.finish_round()
+
+    def open_round(self, participants: Sequence[str]) -> None:
+        self._send([self.coordinator.open_round(participants, time.time())])
+
+    def wait_ready(self) -> None:
+        """Pump results until the quorum answered or the deadline passed."""
+        while not self.coordinator.ready(time.time()):
             self.pump(0.05)
+
+    def finish_round(self) -> Commit:
+        """Aggregate, apply to our weights, journal durably, then broadcast the commit."""
+        c = self.coordinator
         commit = c.close_round()
         apply_commit(self.weights, commit, self.spec)
         fp = fingerprint(self.weights)

@@ -171,6 +171,15 @@ class Coordinator:
         self.version, self.fingerprint = commit.round + 1, fingerprint
         return Send(topics.commit(self.run_id), encode(message), retain=True)
 
+    @property
+    def history(self) -> tuple[CommitMessage, ...]:
+        """The commits kept for catching agents up, oldest first."""
+        return tuple(self._history)
+
+    @property
+    def current_round(self) -> RoundStart | None:
+        return self._round.start if self._round else None
+
     def round_results(self) -> dict[str, Result]:
         return dict(self._round.results) if self._round else {}
 

@@ -99,9 +99,8 @@ def test_agents_hold_the_coordinators_bits_after_every_round(fleet):
         assert len(commit.pairs) == 6
     # one more round, left open: its results carry every agent's fingerprint after round 3
     want = fingerprint(server.weights)
-    server._send([server.coordinator.open_round(agents, time.time())])
-    while not server.coordinator.ready(time.time()):
-        server.pump(0.05)
+    server.open_round(agents)
+    server.wait_ready()
     got = {a: r.fingerprint for a, r in server.coordinator.round_results().items()}
     assert got == {a: want for a in agents}, _logs(tmp_path)
     # the journal replays to the same bits
@@ -135,4 +134,4 @@ def test_an_agent_killed_mid_round_rejoins_in_sync(fleet):
     commit = server.run_round(agents)  # pi1 is counted only if it computed on our exact bits
     assert not c.refused, (c.refusals, _logs(tmp_path))
     assert len(commit.pairs) == 6, _logs(tmp_path)
-    assert c.agents["pi1"].fingerprint == c._history[-2].fingerprint
+    assert c.agents["pi1"].fingerprint == c.history[-2].fingerprint

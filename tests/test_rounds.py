@@ -187,7 +187,7 @@ def test_agent_with_diverged_bits_reloads_instead_of_computing():
 
 
 def _result(fleet: Fleet, agent: str, **change) -> bytes:
-    start = fleet.coord._round.start
+    start = fleet.coord.current_round
     fields = dict(agent_id=agent, round=start.round, seeds=start.assignments.get(agent, (1,)),
                   scalars=(0.5,) * len(start.assignments.get(agent, (1,))), samples=10,
                   fingerprint=start.fingerprint)
@@ -246,7 +246,7 @@ def test_multi_step_rounds_keep_every_agent_in_sync():
     fleet = Fleet(3, RoundPolicy(eps=1e-3, lr=0.02, directions=2, local_steps=3))
     for _ in range(3):
         fleet.round()
-        assert len(fleet.coord._history[-1].commit.pairs) == 3 * 6
+        assert len(fleet.coord.history[-1].commit.pairs) == 3 * 6
         assert set(fleet.fingerprints().values()) == {fingerprint(fleet.weights)}
 
 
