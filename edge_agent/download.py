@@ -16,7 +16,7 @@ from pathlib import Path
 
 from protocols import topics
 from protocols.errors import ProtocolError
-from protocols.manifest import MANIFEST, Manifest
+from protocols.manifest import MANIFEST, Manifest, file_sha256
 from protocols.messages import ModelAnnounce
 
 
@@ -100,13 +100,7 @@ class ModelDownload:
 
 
 def _has(path: Path, size: int, sha256: str) -> bool:
-    if not path.is_file() or path.stat().st_size != size:
-        return False
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest() == sha256
+    return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha256
 
 
 def parse_announced_manifest(announce: ModelAnnounce) -> Manifest:

@@ -123,10 +123,6 @@ class Manifest:
             files=files,
         )
 
-    def sha256(self) -> str:
-        """The model's identity on the wire: the hash of its manifest file's bytes."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
 
 def _parameter(data: object, index: int) -> Parameter:
     where = f"manifest parameters[{index}]"
