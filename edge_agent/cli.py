@@ -97,5 +97,67 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
         daemon.stop()
 
 
+@main.command()
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An exported model directory (zowarmup export).")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The shard this device will train on.")
+@click.option("--directions", "-s", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Directions per round (the fleet's s).")
+@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None)
+def bench(model_dir, data, directions, micro_batch, threads) -> None:
+    """Time one ZO round on this device and report its peak memory, as JSON.
+
+    Run it before a device joins a fleet: if `round_s` is longer than the fleet's
+    round deadline, or `peak_rss_mb` near the device's memory, lower --micro-batch or
+    keep the device out.
+    """
+    import json
+
+    from protocols.errors import ZoError
+
+    from .engine import ZoEngine
+    from .shard import load_shard
+
+    try:
+        from protocols.manifest import load_manifest
+        manifest = load_manifest(model_dir)
+        engine = ZoEngine(model_dir, load_shard(data, manifest), micro_batch=micro_batch,
+                          threads=threads, manifest=manifest)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    started = time.perf_counter()
+    engine.evaluate()
+    forward_s = time.perf_counter() - started
+    out = engine.round(list(range(1, directions + 1)), eps=1e-3)
+    peak_kb = _peak_rss_kb()
+    click.echo(json.dumps({
+        "model": manifest.model, "parameters": manifest.num_parameters,
+        "samples": out.samples, "directions": directions, "micro_batch": micro_batch,
+        "threads": threads or engine.session.get_session_options().intra_op_num_threads,
+        "forward_s": round(forward_s, 4), "round_s": round(out.seconds, 4),
+        "overhead": round(out.seconds / (2 * directions * forward_s), 3),
+        "undo_log_mb": round(out.undo_elements * 12 / 2**20, 2),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "platform": f"{platform.machine()} {platform.system()}",
+    }))
+
+
+def _peak_rss_kb() -> int:
+    """Peak resident memory of this process. VmHWM, since ru_maxrss can carry the peak of
+    the process that forked us; ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 if __name__ == "__main__":
     main()

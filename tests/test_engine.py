@@ -122,3 +122,22 @@ def test_a_good_shard_loads_with_its_metadata(model_dir, digits, tmp_path):
     with pytest.raises(ProtocolError, match="no 'y'"):
         np.savez(tmp_path / "t.npz", x=digits[0][:10])
         load_shard(tmp_path / "t.npz", load_manifest(model_dir[0]))
+
+
+def test_agent_bench_reports_round_time_and_memory(model_dir, digits, tmp_path):
+    import json
+    import subprocess
+    import sys
+    save_shard(tmp_path / "s.npz", digits[0][:300], digits[1][:300])
+    cmd = [sys.executable, "-m", "edge_agent.cli", "bench", "--model", str(model_dir[0]),
+           "--data", str(tmp_path / "s.npz"), "-s", "2", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["samples"] == 300 and report["directions"] == 2 and report["threads"] == 1
+    assert report["round_s"] > 0 and report["forward_s"] > 0
+    # a few MB of weights: the agent's whole process stays far below a torch client's
+    assert 10 < report["peak_rss_mb"] < 300
+    np.savez(tmp_path / "bad.npz", x=digits[0][:5], y=digits[1][:5] + 20)
+    bad = subprocess.run(cmd[:7] + [str(tmp_path / "bad.npz")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "labels span" in bad.stderr
