@@ -67,8 +67,11 @@ def selftest() -> None:
               help="Samples per forward pass; lower it to use less memory.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="ONNX Runtime threads (default: all cores).")
+@click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]), default="auto",
+              show_default=True, help="Forward passes with the weights as graph inputs, or "
+              "compiled as constants per pass (faster on big shards); auto times both.")
 def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, tls_cert,
-        tls_key, protocol, micro_batch, threads) -> None:
+        tls_key, protocol, micro_batch, threads, strategy) -> None:
     """Join a fleet: fetch the model, take part in rounds, stay in sync.
 
     Runs until SIGTERM or Ctrl-C; reconnects by itself after a lost connection.
@@ -87,7 +90,7 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
     try:
         daemon = AgentDaemon(AgentConfig(
             broker, data, agent_id or socket.gethostname().split(".")[0], run_id, state_dir,
-            username, password, tls, protocol, micro_batch, threads))
+            username, password, tls, protocol, micro_batch, threads, strategy=strategy))
     except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -107,7 +110,10 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
               help="Directions per round (the fleet's s).")
 @click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=None)
-def bench(model_dir, data, directions, micro_batch, threads) -> None:
+@click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]), default="auto",
+              show_default=True, help="Forward passes with the weights as graph inputs, or "
+              "compiled as constants per pass (faster on big shards); auto times both.")
+def bench(model_dir, data, directions, micro_batch, threads, strategy) -> None:
     """Time one ZO round on this device and report its peak memory, as JSON.
 
     Run it before a device joins a fleet: if `round_s` is longer than the fleet's
@@ -125,8 +131,8 @@ def bench(model_dir, data, directions, micro_batch, threads) -> None:
         from protocols.manifest import load_manifest
         manifest = load_manifest(model_dir)
         engine = ZoEngine(model_dir, load_shard(data, manifest), micro_batch=micro_batch,
-                          threads=threads, manifest=manifest)
-    except ZoError as exc:
+                          threads=threads, manifest=manifest, strategy=strategy)
+    except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     started = time.perf_counter()
     engine.evaluate()
@@ -136,6 +142,7 @@ def bench(model_dir, data, directions, micro_batch, threads) -> None:
     click.echo(json.dumps({
         "model": manifest.model, "parameters": manifest.num_parameters,
         "samples": out.samples, "directions": directions, "micro_batch": micro_batch,
+        "strategy": engine.strategy,
         "threads": threads or engine.session.get_session_options().intra_op_num_threads,
         "forward_s": round(forward_s, 4), "round_s": round(out.seconds, 4),
         "overhead": round(out.seconds / (2 * directions * forward_s), 3),

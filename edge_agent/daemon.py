@@ -43,6 +43,7 @@ class AgentConfig:
     micro_batch: int = 64
     threads: int | None = None
     connect_timeout: float = 10.0
+    strategy: str = "auto"
 
 
 def capabilities(samples: int, threads: int | None) -> Capabilities:
@@ -187,7 +188,7 @@ class AgentDaemon:
             shard = load_shard(self.config.data, download.manifest)
             engine = ZoEngine(download.directory, shard, announce.spec,
                               micro_batch=self.config.micro_batch, threads=self.config.threads,
-                              manifest=download.manifest)
+                              manifest=download.manifest, strategy=self.config.strategy)
             if announce.snapshot:
                 engine.load_weights(download.directory / announce.snapshot)
         except (ProtocolError, ValueError, OSError) as exc:

@@ -52,21 +52,70 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+STRATEGIES = ("auto", "inputs", "constants")
+
+
 class ZoEngine:
+    """Forward passes run one of two ways, chosen per shard size (``strategy="auto"``):
+
+    * ``inputs``: one session whose graph takes the weights as inputs, bound once to our
+      buffers; perturbing in place needs no rebinding. No setup cost per pass.
+    * ``constants``: per pass, a session over the constant-weights graph, given our
+      current (perturbed) buffers as its initializers. ONNX Runtime then optimises the
+      weights as constants, ~1.5x faster per batch, for one session build per pass.
+    """
+
     def __init__(self, model_dir: Path, shard: Shard, spec: DirectionSpec | None = None,
                  micro_batch: int = 64, threads: int | None = None, verify: bool = True,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, strategy: str = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.manifest = manifest or load_manifest(self.model_dir, verify=verify)
         self.shard = check_shard(shard, self.manifest)
         self.spec = spec or DirectionSpec()
         self.micro_batch = max(1, int(micro_batch))
+        self.threads = threads
         self.flat, self.weights = read_weights(self.model_dir, self.manifest)
         self.session = ort.InferenceSession(str(self.model_dir / self.manifest.graph),
                                             session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self._binding = self.session.io_binding()
         self._bind_weights()
+        self.strategy = self._choose(strategy)
+
+    def _choose(self, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if strategy == "constants" and not self.manifest.graph_const:
+            raise ValueError("this model was exported without a constant-weights graph; "
+                             "re-export it or use strategy 'inputs'")
+        if strategy != "auto":
+            return strategy
+        if not self.manifest.graph_const:
+            return "inputs"
+        # Time one micro-batch each way (after a warm-up), and a session build: constants
+        # win when the per-batch saving over the whole shard pays for the build.
+        x, y = next(self.shard.batches(self.micro_batch))
+        self._forward(x, y)
+        t0 = time.perf_counter()
+        self._forward(x, y)
+        t_inputs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        session = self._const_session()
+        t_build = time.perf_counter() - t0
+        feeds = {self.manifest.input_name: x, self.manifest.label_name: y}
+        session.run(None, feeds)
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        t_const = time.perf_counter() - t0
+        batches = -(-len(self.shard) // self.micro_batch)
+        return "constants" if batches * (t_inputs - t_const) > t_build else "inputs"
+
+    def _const_session(self) -> ort.InferenceSession:
+        options = session_options(self.threads)
+        options.add_external_initializers([p.name for p in self.manifest.parameters],
+                                          self._values)
+        return ort.InferenceSession(str(self.model_dir / self.manifest.graph_const), options,
+                                    providers=["CPUExecutionProvider"])
 
     def _bind_weights(self) -> None:
         """Hand ONNX Runtime views of our buffers: in-place updates need no rebinding."""
@@ -81,12 +130,22 @@ class ZoEngine:
     def evaluate(self, shard: Shard | None = None) -> tuple[float, int]:
         """Mean loss and correct count over a shard (the local one by default)."""
         shard = shard or self.shard
+        forward = self._const_forward() if self.strategy == "constants" else self._forward
         total_loss, correct = 0.0, 0
         for x, y in shard.batches(self.micro_batch):
-            loss, right = self._forward(x, y)
+            loss, right = forward(x, y)
             total_loss += loss * len(y)
             correct += right
         return total_loss / len(shard), correct
+
+    def _const_forward(self):
+        """A forward function over the weights as they are now, compiled as constants."""
+        session, m = self._const_session(), self.manifest
+
+        def forward(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+            loss, right = session.run(list(m.outputs), {m.input_name: x, m.label_name: y})
+            return float(loss), int(right)
+        return forward
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
         self._binding.bind_cpu_input(self.manifest.input_name, x)

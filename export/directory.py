@@ -21,6 +21,7 @@ from .errors import ExportError
 from .names import INPUT, LABEL, OUTPUTS
 
 GRAPH_FILE = "model.onnx"
+CONST_GRAPH_FILE = "model.const.onnx"
 WEIGHTS_FILE = "weights.bin"
 
 
@@ -88,15 +89,43 @@ def write_model_dir(out_dir: str | Path, graph: onnx.ModelProto, tensors: Sequen
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must not seal new files
     _atomic_write(out / manifest.graph, graph.SerializeToString())
+    manifest = replace(manifest, graph_const=CONST_GRAPH_FILE)
+    _atomic_write(out / CONST_GRAPH_FILE, constant_weights_graph(graph, manifest)
+                  .SerializeToString())
     tmp = out / f".{manifest.weights}.tmp"
     write_weights(tmp, list(tensors))
     os.replace(tmp, out / manifest.weights)
     files = {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
-             for name in (manifest.graph, manifest.weights)}
+             for name in (manifest.graph, manifest.graph_const, manifest.weights)}
     manifest = replace(manifest, files=files)
     Manifest.from_json(manifest.to_json())  # what we write must read back
     _atomic_write(out / MANIFEST, manifest.to_json().encode())
     return manifest
+
+
+def constant_weights_graph(graph: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProto:
+    """The graph with each trainable input turned into an external-data initializer.
+
+    The data points into weights.bin (offset and length of the parameter), so the file
+    works on its own; an agent instead hands ONNX Runtime its in-memory, perturbed
+    weights with ``add_external_initializers`` and gets constant-weight optimisations
+    (~1.5x faster forwards) at the cost of building a session per perturbation.
+    """
+    const = onnx.ModelProto()
+    const.CopyFrom(graph)
+    params = {p.name: p for p in manifest.parameters}
+    kept = [i for i in const.graph.input if i.name not in params]
+    del const.graph.input[:]
+    const.graph.input.extend(kept)
+    for p in manifest.parameters:
+        tensor = onnx.TensorProto(name=p.name, data_type=onnx.TensorProto.FLOAT, dims=p.shape,
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", manifest.weights), ("offset", str(4 * p.offset)),
+                           ("length", str(4 * p.size))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        const.graph.initializer.append(tensor)
+    return const
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -57,6 +57,10 @@ class Manifest:
     batchnorm: str = "none"  # "none" | "eval" (running statistics baked in as constants)
     frozen_parameters: int = 0  # elements baked into the graph as constants
     files: dict = field(default_factory=dict)  # name -> {"sha256": hex, "bytes": int}
+    # The same graph with the trainable parameters as initializers whose data is external
+    # (weights.bin): an agent supplies the current weights with add_external_initializers
+    # and ONNX Runtime optimises them as constants. "" when the export did not write one.
+    graph_const: str = ""
 
     @property
     def num_parameters(self) -> int:
@@ -121,6 +125,8 @@ class Manifest:
             batchnorm=v.text(data, "batchnorm", _WHERE, 16),
             frozen_parameters=v.integer(data, "frozen_parameters", _WHERE),
             files=files,
+            graph_const=_file_name(v.text(data, "graph_const", _WHERE))
+            if data.get("graph_const") else "",
         )
 
 
@@ -164,7 +170,8 @@ def load_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     except FileNotFoundError:
         raise ProtocolError(f"{path} does not exist: is {model_dir} an exported model "
                             "directory (zowarmup export)?", "missing_file") from None
-    for needed in (manifest.graph, manifest.weights):
+    for needed in (manifest.graph, manifest.weights) + ((manifest.graph_const,)
+                                                       if manifest.graph_const else ()):
         if needed not in manifest.files:
             raise ProtocolError(f"manifest lists no hash for {needed!r}", "bad_manifest")
     if verify:

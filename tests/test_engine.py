@@ -141,3 +141,22 @@ def test_agent_bench_reports_round_time_and_memory(model_dir, digits, tmp_path):
     np.savez(tmp_path / "bad.npz", x=digits[0][:5], y=digits[1][:5] + 20)
     bad = subprocess.run(cmd[:7] + [str(tmp_path / "bad.npz")], capture_output=True, text=True)
     assert bad.returncode == 1 and "labels span" in bad.stderr
+
+
+def test_constant_weight_sessions_see_the_current_weights_and_restore_exactly(model_dir, digits):
+    x, y = digits
+    shard = Shard(x[:200], y[:200])
+    fast = ZoEngine(model_dir[0], shard, micro_batch=32, strategy="constants")
+    plain = ZoEngine(model_dir[0], shard, micro_batch=32, strategy="inputs")
+    assert abs(fast.evaluate()[0] - plain.evaluate()[0]) < 1e-6
+    seeds = [derive_seed(8, 0, 0, j) for j in range(2)]
+    a, b = fast.round(seeds, 1e-2), plain.round(seeds, 1e-2)
+    assert np.allclose(a.scalars, b.scalars, rtol=1e-3, atol=1e-4)  # perturbations are seen
+    assert fast.fingerprint() == plain.fingerprint()
+    undo = fast.perturb(3, 0.5)
+    assert abs(fast.evaluate()[0] - plain.evaluate()[0]) > 1e-4
+    fast.restore(3, 0.5, undo)
+    assert fast.evaluate()[0] == pytest.approx(plain.evaluate()[0], abs=1e-6)
+    assert ZoEngine(model_dir[0], shard, micro_batch=32).strategy in ("inputs", "constants")
+    with pytest.raises(ValueError, match="strategy"):
+        ZoEngine(model_dir[0], shard, strategy="fastest")
