@@ -191,7 +191,7 @@ class AgentDaemon:
                               manifest=download.manifest, strategy=self.config.strategy)
             if announce.snapshot:
                 engine.load_weights(download.directory / announce.snapshot)
-        except (ProtocolError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a model we cannot load must not stop us
             log.error("model %s cannot be used: %s", announce.model_sha256[:12], exc)
             return
         self.engine = engine

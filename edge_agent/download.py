@@ -65,8 +65,7 @@ class ModelDownload:
         self.manifest = manifest
         self.directory = directory
         self.files: dict[str, FileDownload] = {}
-        for name in (manifest.graph, manifest.weights):
-            info = manifest.files[name]
+        for name, info in manifest.files.items():
             if not _has(directory / name, info["bytes"], info["sha256"]):
                 self.files[name] = FileDownload(name, info["bytes"], announce.chunk_bytes,
                                                 info["sha256"])

@@ -52,7 +52,7 @@ class RoundServer:
 
     def publish_model(self, chunk_bytes: int = CHUNK_BYTES) -> None:
         """Every file as retained chunks, then the announcement that points at them."""
-        for name in (self.manifest.graph, self.manifest.weights):
+        for name in self.manifest.files:
             data = (self.model_dir / name).read_bytes()
             for index, start in enumerate(range(0, max(len(data), 1), chunk_bytes)):
                 self.transport.publish(topics.model_chunk(self.run_id, name, index),
