@@ -200,14 +200,22 @@ def test_qos1_round_trip_is_fast_with_nodelay(mosquitto, clients):
 
 
 def test_connect_to_a_closed_port_raises_a_clear_error():
-    port = free_port()
+    # Hold the port bound but not listening: connecting is refused, and the kernel cannot
+    # hand the same port out as our own source port (a TCP self-connect would "answer").
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
     t = MqttTransport(f"mqtt://127.0.0.1:{port}")
     started = time.monotonic()
-    with pytest.raises(ConnectFailed, match=rf"cannot reach the MQTT broker at mqtt://127\.0\.0\.1:{port}"):
-        t.connect(timeout=5)
-    assert time.monotonic() - started < 2
-    assert not t.connected
-    t.close()
+    try:
+        with pytest.raises(ConnectFailed,
+                           match=rf"cannot reach the MQTT broker at mqtt://127\.0\.0\.1:{port}"):
+            t.connect(timeout=5)
+        assert time.monotonic() - started < 2
+        assert not t.connected
+    finally:
+        t.close()
+        holder.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
