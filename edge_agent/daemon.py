@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocols.agent_session import AgentSession, Apply, Compute, LoadModel, Refused
-from protocols.coordinator import Send
 from protocols.errors import ProtocolError
 from protocols.messages import Capabilities
+from protocols.topics import Send
 
 from .download import ModelDownload, parse_announced_manifest
 from .engine import ZoEngine

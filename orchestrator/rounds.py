@@ -17,11 +17,12 @@ from pathlib import Path
 
 from edge_agent.mqtt import MqttTransport
 from protocols import topics
-from protocols.coordinator import Coordinator, RoundPolicy, Send
+from protocols.coordinator import Coordinator, RoundPolicy
 from protocols.directions import DirectionSpec
 from protocols.journal import Journal
 from protocols.manifest import MANIFEST, load_manifest, read_weights
 from protocols.messages import CommitMessage, ModelAnnounce
+from protocols.topics import Send
 from protocols.zo import Commit, apply_commit, fingerprint
 
 log = logging.getLogger("zowarmup.rounds")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from . import topics
 from .codec import decode, encode
-from .coordinator import Send
 from .errors import ProtocolError
 from .messages import (
     Capabilities,
@@ -28,6 +27,7 @@ from .messages import (
     SyncReply,
     SyncRequest,
 )
+from .topics import Send
 
 
 @dataclass(frozen=True)

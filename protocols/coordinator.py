@@ -37,18 +37,10 @@ from .messages import (
     SyncReply,
     SyncRequest,
 )
+from .topics import Send
 from .zo import ClientResult, Commit, aggregate, derive_seed
 
 _KIND = {"hello": Hello, "result": Result, "sync": SyncRequest, "status": Status}
-
-
-@dataclass(frozen=True)
-class Send:
-    """A publish for the transport to carry out."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
 
 
 @dataclass(frozen=True)

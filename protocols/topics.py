@@ -60,6 +60,15 @@ def agent_filters(run: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Send:
+    """A publish for the transport to carry out; both state machines return these."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
 class AgentTopic:
     agent_id: str
     kind: str

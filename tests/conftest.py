@@ -45,3 +45,23 @@ def mosquitto_factory(tmp_path_factory):
 def mosquitto(mosquitto_factory) -> MosquittoBroker:
     """A Mosquitto broker on a free loopback port, anonymous access, TCP_NODELAY on."""
     return mosquitto_factory()
+
+
+@pytest.fixture
+def clients():
+    """Make connected transports (quick to reconnect); all are closed after the test."""
+    from edge_agent.mqtt import MqttTransport
+    made: list[MqttTransport] = []
+
+    def make(url: str, **kwargs) -> MqttTransport:
+        kwargs.setdefault("reconnect_min_delay", 0.05)
+        kwargs.setdefault("reconnect_max_delay", 0.5)
+        t = MqttTransport(url, **kwargs)
+        made.append(t)
+        t.connect(timeout=5)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+

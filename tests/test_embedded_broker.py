@@ -18,21 +18,6 @@ def broker():
         yield b
 
 
-@pytest.fixture
-def clients():
-    made: list[MqttTransport] = []
-
-    def make(url: str, **kwargs) -> MqttTransport:
-        t = MqttTransport(url, **kwargs)
-        made.append(t)
-        t.connect(timeout=5)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
-
-
 def test_port_zero_picks_a_free_port_that_accepts_connections(broker):
     assert broker.running
     assert broker.port > 0

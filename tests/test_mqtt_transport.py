@@ -29,24 +29,6 @@ pytestmark = pytest.mark.broker
 PROTOCOLS = ["3.1.1", "5"]
 
 
-@pytest.fixture
-def clients():
-    """Make connected transports; all are closed after the test."""
-    made: list[MqttTransport] = []
-
-    def make(url: str, **kwargs) -> MqttTransport:
-        kwargs.setdefault("reconnect_min_delay", 0.05)
-        kwargs.setdefault("reconnect_max_delay", 0.5)
-        t = MqttTransport(url, **kwargs)
-        made.append(t)
-        t.connect(timeout=5)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
-
-
 def settle(*transports: MqttTransport) -> None:
     """Let SUBSCRIBEs reach the broker: a QoS-1 publish is acknowledged only after the
     broker processed everything sent before it on the same connection."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from protocols.agent_session import AgentSession, Apply, Compute, LoadModel, Refused
-from protocols.coordinator import Send
 from protocols.directions import DirectionSpec, axpy
 from protocols.messages import Capabilities
+from protocols.topics import Send
 from protocols.zo import apply_commit, fingerprint, projected_gradient
 
 SHAPES = [(4, 3), (3,)]
