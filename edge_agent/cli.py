@@ -63,15 +63,20 @@ def selftest() -> None:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--mqtt", "protocol", type=click.Choice(["3.1.1", "5"]), default="3.1.1",
               show_default=True, help="MQTT protocol version.")
-@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
-              help="Samples per forward pass; lower it to use less memory.")
+@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=None,
+              help="Samples per forward pass (default 64; with --memory-budget, the most that "
+              "fits, up to this).")
+@click.option("--memory-budget", "memory_budget", type=click.FloatRange(16), default=None,
+              metavar="MB", help="Peak memory this agent may use: it measures a forward pass "
+              "here and picks the micro-batch (and forward strategy) that fits, or says what "
+              "budget would work.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="ONNX Runtime threads (default: all cores).")
 @click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]), default="auto",
               show_default=True, help="Forward passes with the weights as graph inputs, or "
               "compiled as constants per pass (faster on big shards); auto times both.")
 def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, tls_cert,
-        tls_key, protocol, micro_batch, threads, strategy) -> None:
+        tls_key, protocol, micro_batch, memory_budget, threads, strategy) -> None:
     """Join a fleet: fetch the model, take part in rounds, stay in sync.
 
     Runs until SIGTERM or Ctrl-C; reconnects by itself after a lost connection.
@@ -90,7 +95,8 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
     try:
         daemon = AgentDaemon(AgentConfig(
             broker, data, agent_id or socket.gethostname().split(".")[0], run_id, state_dir,
-            username, password, tls, protocol, micro_batch, threads, strategy=strategy))
+            username, password, tls, protocol, micro_batch, threads, strategy=strategy,
+            memory_budget_mb=memory_budget))
     except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -108,12 +114,18 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
               help="The shard this device will train on.")
 @click.option("--directions", "-s", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Directions per round (the fleet's s).")
-@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
+@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=None,
+              help="Samples per forward pass (default 64; with --memory-budget, the most that "
+              "fits, up to this).")
+@click.option("--memory-budget", "memory_budget", type=click.FloatRange(16), default=None,
+              metavar="MB", help="Peak memory this agent may use: it measures a forward pass "
+              "here and picks the micro-batch (and forward strategy) that fits, or says what "
+              "budget would work.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None)
 @click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]), default="auto",
               show_default=True, help="Forward passes with the weights as graph inputs, or "
               "compiled as constants per pass (faster on big shards); auto times both.")
-def bench(model_dir, data, directions, micro_batch, threads, strategy) -> None:
+def bench(model_dir, data, directions, micro_batch, memory_budget, threads, strategy) -> None:
     """Time one ZO round on this device and report its peak memory, as JSON.
 
     Run it before a device joins a fleet: if `round_s` is longer than the fleet's
@@ -124,6 +136,7 @@ def bench(model_dir, data, directions, micro_batch, threads, strategy) -> None:
 
     from protocols.errors import ZoError
 
+    from . import memory
     from .engine import ZoEngine
     from .shard import load_shard
 
@@ -131,39 +144,29 @@ def bench(model_dir, data, directions, micro_batch, threads, strategy) -> None:
         from protocols.manifest import load_manifest
         manifest = load_manifest(model_dir)
         engine = ZoEngine(model_dir, load_shard(data, manifest), micro_batch=micro_batch,
-                          threads=threads, manifest=manifest, strategy=strategy)
+                          threads=threads, manifest=manifest, strategy=strategy,
+                          memory_budget_mb=memory_budget)
     except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    memory.trim()
+    memory.reset_peak()  # the figure is the round's, not the one-off calibration's
     started = time.perf_counter()
     engine.evaluate()
     forward_s = time.perf_counter() - started
     out = engine.round(list(range(1, directions + 1)), eps=1e-3)
-    peak_kb = _peak_rss_kb()
+    peak_mb = memory.peak_rss_mb()
     click.echo(json.dumps({
         "model": manifest.model, "parameters": manifest.num_parameters,
-        "samples": out.samples, "directions": directions, "micro_batch": micro_batch,
+        "samples": out.samples, "directions": directions, "micro_batch": engine.micro_batch,
+        "memory_budget_mb": memory_budget,
         "strategy": engine.strategy,
-        "threads": threads or engine.session.get_session_options().intra_op_num_threads,
+        "threads": engine.threads,
         "forward_s": round(forward_s, 4), "round_s": round(out.seconds, 4),
         "overhead": round(out.seconds / (2 * directions * forward_s), 3),
         "undo_log_mb": round(out.undo_elements * 12 / 2**20, 2),
-        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_rss_mb": round(peak_mb, 1),
         "platform": f"{platform.machine()} {platform.system()}",
     }))
-
-
-def _peak_rss_kb() -> int:
-    """Peak resident memory of this process. VmHWM, since ru_maxrss can carry the peak of
-    the process that forked us; ru_maxrss where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 if __name__ == "__main__":

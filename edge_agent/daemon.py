@@ -40,10 +40,11 @@ class AgentConfig:
     password: str | None = None
     tls: Tls | None = None
     protocol: str = "3.1.1"
-    micro_batch: int = 64
+    micro_batch: int | None = None
     threads: int | None = None
     connect_timeout: float = 10.0
     strategy: str = "auto"
+    memory_budget_mb: float | None = None
 
 
 def capabilities(samples: int, threads: int | None) -> Capabilities:
@@ -188,7 +189,8 @@ class AgentDaemon:
             shard = load_shard(self.config.data, download.manifest)
             engine = ZoEngine(download.directory, shard, announce.spec,
                               micro_batch=self.config.micro_batch, threads=self.config.threads,
-                              manifest=download.manifest, strategy=self.config.strategy)
+                              manifest=download.manifest, strategy=self.config.strategy,
+                              memory_budget_mb=self.config.memory_budget_mb)
             if announce.snapshot:
                 engine.load_weights(download.directory / announce.snapshot)
         except Exception as exc:  # noqa: BLE001 - a model we cannot load must not stop us

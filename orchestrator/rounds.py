@@ -32,7 +32,8 @@ CHUNK_BYTES = 256 * 1024
 class RoundServer:
     def __init__(self, transport: MqttTransport, model_dir: Path, run_id: str, run_seed: int,
                  policy: RoundPolicy, spec: DirectionSpec | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, keep_commits: int = 200,
+                 snapshot_every: int | None = None) -> None:
         self.transport = transport
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir)
@@ -42,7 +43,12 @@ class RoundServer:
         self.spec = spec or DirectionSpec()
         self.journal = journal
         self.coordinator = Coordinator(run_id, run_seed, self.spec, 0, fingerprint(self.weights),
-                                       policy)
+                                       policy, keep_commits=keep_commits)
+        # A snapshot at least every keep/2 rounds: an agent too far behind for the kept
+        # commits loads the latest snapshot and replays at most keep/2 commits from there.
+        self.snapshot_every = snapshot_every or max(1, keep_commits // 2)
+        self.chunk_bytes = CHUNK_BYTES
+        self._snapshot: tuple[str, int] | None = None  # (file name, chunks) now retained
         for topic_filter in self.coordinator.subscriptions():
             transport.subscribe(topic_filter)
         self.uplink_bytes = 0
@@ -53,14 +59,41 @@ class RoundServer:
 
     def publish_model(self, chunk_bytes: int = CHUNK_BYTES) -> None:
         """Every file as retained chunks, then the announcement that points at them."""
+        self.chunk_bytes = chunk_bytes
         for name in self.manifest.files:
-            data = (self.model_dir / name).read_bytes()
-            for index, start in enumerate(range(0, max(len(data), 1), chunk_bytes)):
-                self.transport.publish(topics.model_chunk(self.run_id, name, index),
-                                       data[start:start + chunk_bytes], retain=True)
-        announce = ModelAnnounce(self.model_sha256, self.manifest_text, self.coordinator.version,
-                                 self.coordinator.fingerprint, self.spec, chunk_bytes)
-        self._send([self.coordinator.announce(announce)], wait=True)
+            self._publish_file(name, (self.model_dir / name).read_bytes())
+        self._announce("")
+
+    def publish_snapshot(self) -> None:
+        """The current weights as a retained file, announced as the model's new base.
+
+        Agents that are new, or further behind than the kept commits reach, load it and
+        replay from its version. The previous snapshot's retained chunks are then cleared,
+        so the broker holds one snapshot, not one per interval.
+        """
+        c = self.coordinator
+        name = f"snapshot-{c.version:08d}.bin"
+        chunks = self._publish_file(name, self.flat.astype("<f4", copy=False).tobytes())
+        self._announce(name)
+        if self._snapshot is not None and self._snapshot[0] != name:
+            for index in range(self._snapshot[1]):
+                self.transport.publish(topics.model_chunk(self.run_id, self._snapshot[0], index),
+                                       b"", retain=True)
+        self._snapshot = (name, chunks)
+        log.info("snapshot at version %d published (%s)", c.version, name)
+
+    def _publish_file(self, name: str, data: bytes) -> int:
+        starts = range(0, max(len(data), 1), self.chunk_bytes)
+        for index, start in enumerate(starts):
+            self.transport.publish(topics.model_chunk(self.run_id, name, index),
+                                   data[start:start + self.chunk_bytes], retain=True)
+        return len(starts)
+
+    def _announce(self, snapshot: str) -> None:
+        c = self.coordinator
+        announce = ModelAnnounce(self.model_sha256, self.manifest_text, c.version,
+                                 c.fingerprint, self.spec, self.chunk_bytes, snapshot)
+        self._send([c.announce(announce)], wait=True)
 
     def pump(self, seconds: float) -> None:
         """Handle what agents send for a while (answers go out at once)."""
@@ -110,6 +143,8 @@ class RoundServer:
         self._send([c.committed(commit, fp)])
         log.info("round %d committed: %d pair(s), fingerprint %s", commit.round,
                  len(commit.pairs), fp[:12])
+        if c.version % self.snapshot_every == 0:
+            self.publish_snapshot()
         return commit
 
     def _send(self, sends: list[Send], wait: bool = False) -> None:

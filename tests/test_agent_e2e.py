@@ -54,15 +54,16 @@ def start_agent(url: str, agent_id: str, shard: Path, state: Path, log: Path) ->
 
 
 @pytest.fixture
-def fleet(mosquitto, model_and_shards, tmp_path):
+def fleet(mosquitto, model_and_shards, tmp_path, request):
     from orchestrator.rounds import RoundServer
     model_dir, shards = model_and_shards
+    keep = getattr(request, "param", {})
     transport = MqttTransport(mosquitto.url, client_id="orchestrator")
     transport.connect(10)
     journal = Journal.create(tmp_path / "journal", {"run_id": "e2e", "base_version": 0})
     server = RoundServer(transport, model_dir, "e2e", 11,
                          RoundPolicy(eps=1e-2, lr=0.05, directions=2, deadline_s=60),
-                         journal=journal)
+                         journal=journal, **keep)
     server.publish_model(chunk_bytes=4096)
     procs = {}
 
@@ -135,3 +136,33 @@ def test_an_agent_killed_mid_round_rejoins_in_sync(fleet):
     assert not c.refused, (c.refusals, _logs(tmp_path))
     assert len(commit.pairs) == 6, _logs(tmp_path)
     assert c.agents["pi1"].fingerprint == c.history[-2].fingerprint
+
+
+@pytest.mark.parametrize("fleet", [{"keep_commits": 4, "snapshot_every": 3}], indirect=True)
+def test_an_agent_behind_the_kept_commits_catches_up_from_a_snapshot(fleet):
+    server, procs, spawn, tmp_path = fleet
+    c = server.coordinator
+    agents = server.wait_for_agents(3, timeout=60)
+    assert len(agents) == 3, _logs(tmp_path)
+    server.run_round(agents)
+    procs["pi1"].kill()
+    procs["pi1"].wait(10)
+    procs["pi2"].send_signal(signal.SIGSTOP)  # frozen, not gone: its commits queue up
+    try:
+        for _ in range(6):  # commits 1..6; only 3..6 are kept, snapshots at 3 and 6
+            server.run_round(["pi0"])
+    finally:
+        procs["pi2"].send_signal(signal.SIGCONT)
+    assert c.version == 7 and server._snapshot[0] == "snapshot-00000006.bin"
+    spawn(1)  # its state on disk is at version 1, six commits behind, two of them gone
+    end = time.time() + 60
+    while time.time() < end and not all(c.agents[a].online and c.agents[a].version == 7
+                                        for a in agents):
+        server.pump(0.2)
+    log = (tmp_path / "agent1.log").read_text(errors="replace")
+    assert "state version 6" in log.split("connecting")[-1], log[-3000:]  # snapshot, replay
+    commit = server.run_round(agents)
+    assert not c.refused, (c.refusals, _logs(tmp_path))
+    assert len(commit.pairs) == 6, _logs(tmp_path)
+    assert {a: c.agents[a].fingerprint for a in agents} == {a: c.history[-2].fingerprint
+                                                            for a in agents}

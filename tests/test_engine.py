@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -160,3 +162,46 @@ def test_constant_weight_sessions_see_the_current_weights_and_restore_exactly(mo
     assert ZoEngine(model_dir[0], shard, micro_batch=32).strategy in ("inputs", "constants")
     with pytest.raises(ValueError, match="strategy"):
         ZoEngine(model_dir[0], shard, strategy="fastest")
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A CNN on 32x32 colour images: activations, not weights, dominate its memory."""
+    from export import export_model
+    from orchestrator.zoo import build_model
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("wide")
+    export_model(build_model("cnn", 10, in_channels=3, image_size=32, width=32), out / "model",
+                 (3, 32, 32), 10, model_name="cnn")
+    rng = np.random.default_rng(0)
+    save_shard(out / "s.npz", rng.standard_normal((512, 3, 32, 32), dtype=np.float32),
+               rng.integers(0, 10, 512))
+    return out / "model", out / "s.npz"
+
+
+def _bench(model: Path, shard: Path, *extra: str):
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "edge_agent.cli", "bench", "--model", str(model), "--data",
+           str(shard), "--threads", "1", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return out.returncode, (json.loads(out.stdout) if out.returncode == 0 else out.stderr)
+
+
+def test_a_memory_budget_picks_the_micro_batch_and_holds(wide_model):
+    import re
+    code, err = _bench(*wide_model, "--memory-budget", "40")
+    assert code == 1 and "too small" in err, err
+    least = float(re.search(r"least that works is about (\d+) MB", err).group(1))
+    assert 40 < least < 400
+    reports = []
+    for budget in (least + 60, least + 400):
+        code, report = _bench(*wide_model, "--memory-budget", str(budget))
+        assert code == 0, report
+        assert report["peak_rss_mb"] <= budget, (budget, report)
+        reports.append(report)
+    small, large = (r["micro_batch"] for r in reports)
+    assert 1 <= small < large <= 256
+    code, capped = _bench(*wide_model, "--memory-budget", str(least + 400), "--micro-batch", "8")
+    assert code == 0 and capped["micro_batch"] == 8
