@@ -201,6 +201,9 @@ class ZoEngine:
 
     def _const_session(self) -> ort.InferenceSession:
         options = session_options(self.threads)
+        # add_external_initializers copies the weights into the session, read at build
+        # time. (add_initializer would lend our buffers without a copy, but on ORT 1.31 a
+        # fresh session over it does not see every in-place change: wrong losses.)
         options.add_external_initializers([p.name for p in self.manifest.parameters],
                                           self._values)
         return ort.InferenceSession(str(self.model_dir / self.manifest.graph_const), options,
