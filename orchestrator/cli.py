@@ -194,5 +194,181 @@ def export_hook(onnx_model: Path, out: Path, output: str | None, input_shape: tu
         raise click.ClickException(str(exc)) from None
 
 
+# --- the run ------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_options(f: Callable) -> Callable:
+    f = click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+                     help="Override one config field; repeat for more "
+                     "(e.g. --set zo.rounds=50 --set data.alpha=0.1).")(f)
+    f = click.option("--broker", default=None, metavar="URL",
+                     help="An external broker (mqtt://host:1883, mqtts://...) instead of the "
+                     "embedded one.")(f)
+    f = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Run directory (default: run.out from the config).")(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
+    return click.argument("config_file", metavar="CONFIG",
+                          type=click.Path(exists=True, dir_okay=False, path_type=Path))(f)
+
+
+def _load(config_file: Path, overrides: tuple[str, ...], broker: str | None,
+          out: Path | None):
+    from .config import load_config
+    extra = list(overrides)
+    if broker:
+        extra.append(f"fleet.broker={broker}")
+    if out:
+        extra.append(f"run.out={out}")
+    return load_config(config_file, extra)
+
+
+def _start(config, local_agents: int | None, fresh: bool) -> None:
+    import json
+
+    from .run import SUMMARY, RunDir, execute
+    run_dir = Path(config.run.out)
+    state = RunDir(run_dir).state()
+    if fresh and state.get("phase") != "new":
+        raise click.ClickException(
+            f"{run_dir} already holds a run ({state.get('phase')}); continue it with "
+            f"`zowarmup resume {run_dir}`, or pick another directory with --out")
+    try:
+        summary = execute(config, run_dir, local_agents=local_agents)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary, indent=2))
+    click.echo(f"run directory: {run_dir} (summary in {run_dir / SUMMARY})")
+
+
+@main.command()
+@run_options
+def run(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: Path | None,
+        verbose: bool) -> None:
+    """Run a whole ZOWarmUp job from one config file, on this machine.
+
+    Partitions the data, warms the model up with FedAvg/FedAdam on the high-resource
+    clients, exports it at the pivot, starts one `zowarmup-agent` process per client and
+    runs the zeroth-order rounds over MQTT (an embedded broker unless --broker), then
+    prints the summary. Everything lands in the run directory; if the run stops, continue
+    it with `zowarmup resume DIR`.
+
+    \b
+    Example:
+      zowarmup run examples/quickstart.toml
+      zowarmup run examples/quickstart.toml --set zo.rounds=100 --out runs/longer
+    """
+    _setup_logging(verbose)
+    try:
+        config = _load(config_file, overrides, broker, out)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    _start(config, None, fresh=True)
+
+
+@main.command()
+@run_options
+def serve(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: Path | None,
+          verbose: bool) -> None:
+    """Like `run`, but the agents are remote devices: none is started here.
+
+    After the warm-up, the model and every client's shard are in the run directory
+    (model/, shards/client-NNN.npz): copy a shard to each device and start
+    `zowarmup-agent run --broker URL --run NAME --data SHARD` there. The ZO rounds begin
+    once data.clients agents have joined.
+    """
+    _setup_logging(verbose)
+    try:
+        config = _load(config_file, overrides, broker, out)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    _start(config, 0, fresh=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--broker", default=None, metavar="URL", help="Use this broker from now on.")
+@click.option("-v", "--verbose", is_flag=True)
+def resume(run_dir: Path, broker: str | None, verbose: bool) -> None:
+    """Continue a stopped run from its directory, to the bits of a run that never stopped.
+
+    The warm-up restarts from its last checkpoint; the ZO phase replays the journal and
+    goes on from the last durable commit. Agents rejoin and catch up by themselves.
+    """
+    _setup_logging(verbose)
+    if not (run_dir / "config.toml").exists():
+        raise click.ClickException(f"{run_dir} holds no config.toml: not a run directory")
+    try:
+        config = _load(run_dir / "config.toml", (), broker, run_dir)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    _start(config, None, fresh=False)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=1883, show_default=True)
+def broker(host: str, port: int) -> None:
+    """Run the embedded MQTT broker (MQTT 3.1.1, anonymous) on its own, until Ctrl-C.
+
+    For a fleet that outlives one orchestrator, or to try agents by hand. For TLS,
+    passwords and MQTT 5, run Mosquitto or EMQX instead.
+    """
+    from .broker import EmbeddedBroker
+    try:
+        embedded = EmbeddedBroker(host, port).start()
+    except Exception as exc:  # noqa: BLE001 - a port in use, a bad host: say so
+        raise click.ClickException(f"cannot start the broker on {host}:{port}: {exc}") from None
+    click.echo(f"broker listening on {embedded.url}; Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        embedded.stop()
+
+
+@main.command()
+@click.argument("config_file", metavar="CONFIG",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for client-NNN.npz, test.npz and partition.json.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE")
+def partition(config_file: Path, out: Path, overrides: tuple[str, ...]) -> None:
+    """Write each client's shard, as the config partitions the data, for real devices.
+
+    Uses the config's data section and run.seed (Dirichlet over data.clients, the
+    high/low split), exactly as `zowarmup run` does, so shard N here is client N there.
+    """
+    from .data import write_partition
+    from .run import plan_run
+    try:
+        config = _load(config_file, overrides, None, None)
+        plan = plan_run(config)
+        alpha = float("inf") if str(config.data.alpha) == "iid" else float(config.data.alpha)
+        files = write_partition(plan.dataset, plan.parts, plan.high, out, config.run.seed,
+                                alpha)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    high = int(plan.high.sum())
+    click.echo(f"wrote {len(files)} shard(s) to {out} ({high} high-resource, "
+               f"{len(files) - high} low-resource) with test.npz and partition.json")
+
+
+def _register_report() -> None:
+    try:
+        from .report import report_command
+    except ImportError:  # the report needs matplotlib, an orchestrator extra
+        return
+    main.add_command(report_command)
+
+
+_register_report()
+
+
 if __name__ == "__main__":
     main()

@@ -19,11 +19,12 @@ from edge_agent.mqtt import MqttTransport
 from protocols import topics
 from protocols.coordinator import Coordinator, RoundPolicy
 from protocols.directions import DirectionSpec
+from protocols.errors import JournalError
 from protocols.journal import Journal
 from protocols.manifest import MANIFEST, load_manifest, read_weights
 from protocols.messages import CommitMessage, ModelAnnounce
 from protocols.topics import Send
-from protocols.zo import Commit, apply_commit, fingerprint
+from protocols.zo import Commit, apply_commit, fingerprint, replay
 
 log = logging.getLogger("zowarmup.rounds")
 CHUNK_BYTES = 256 * 1024
@@ -33,7 +34,8 @@ class RoundServer:
     def __init__(self, transport: MqttTransport, model_dir: Path, run_id: str, run_seed: int,
                  policy: RoundPolicy, spec: DirectionSpec | None = None,
                  journal: Journal | None = None, keep_commits: int = 200,
-                 snapshot_every: int | None = None) -> None:
+                 snapshot_every: int | None = None,
+                 history: Sequence[CommitMessage] = ()) -> None:
         self.transport = transport
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir)
@@ -42,16 +44,27 @@ class RoundServer:
         self.flat, self.weights = read_weights(self.model_dir, self.manifest)
         self.spec = spec or DirectionSpec()
         self.journal = journal
-        self.coordinator = Coordinator(run_id, run_seed, self.spec, 0, fingerprint(self.weights),
-                                       policy, keep_commits=keep_commits)
+        # Resuming: the exported weights plus the journal's commits are the state.
+        replay(self.weights, [m.commit for m in history], self.spec)
+        fp = fingerprint(self.weights)
+        if history and history[-1].fingerprint != fp:
+            raise JournalError(f"replaying {len(history)} journaled commits gives fingerprint "
+                               f"{fp}, the journal says {history[-1].fingerprint}")
+        self.coordinator = Coordinator(run_id, run_seed, self.spec, len(history), fp, policy,
+                                       history=history[-keep_commits:],
+                                       keep_commits=keep_commits)
+        self.downlink_bytes = 0
         # A snapshot at least every keep/2 rounds: an agent too far behind for the kept
         # commits loads the latest snapshot and replays at most keep/2 commits from there.
         self.snapshot_every = snapshot_every or max(1, keep_commits // 2)
         self.chunk_bytes = CHUNK_BYTES
         self._snapshot: tuple[str, int] | None = None  # (file name, chunks) now retained
+        # what every agent receives each round: the counted downlink per client
+        self._broadcast_topics = {topics.round_start(run_id), topics.commit(run_id)}
         for topic_filter in self.coordinator.subscriptions():
             transport.subscribe(topic_filter)
-        self.uplink_bytes = 0
+        self.uplink_bytes = 0  # everything agents sent
+        self.result_bytes = 0  # their round results: the ZO uplink proper
 
     @property
     def run_id(self) -> str:
@@ -62,7 +75,10 @@ class RoundServer:
         self.chunk_bytes = chunk_bytes
         for name in self.manifest.files:
             self._publish_file(name, (self.model_dir / name).read_bytes())
-        self._announce("")
+        if self.coordinator.version == 0:
+            self._announce("")
+        else:  # weights.bin holds version 0: a resumed run announces its state as a snapshot
+            self.publish_snapshot()
 
     def publish_snapshot(self) -> None:
         """The current weights as a retained file, announced as the model's new base.
@@ -102,6 +118,8 @@ class RoundServer:
             message = self.transport.get(timeout=min(left, 0.05))
             if message is not None:
                 self.uplink_bytes += len(message.payload)
+                if message.topic.endswith("/result"):
+                    self.result_bytes += len(message.payload)
                 self._send(self.coordinator.receive(message.topic, message.payload, time.time()))
 
     def ready_agents(self) -> list[str]:
@@ -149,4 +167,6 @@ class RoundServer:
 
     def _send(self, sends: list[Send], wait: bool = False) -> None:
         for send in sends:
+            if send.topic in self._broadcast_topics:
+                self.downlink_bytes += len(send.payload)
             self.transport.publish(send.topic, send.payload, retain=send.retain, wait=wait)

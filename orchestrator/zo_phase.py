@@ -1,0 +1,140 @@
+"""Step 2: zeroth-order rounds over MQTT with every client, high or low resource.
+
+The broker is the embedded one unless the config names another; the agents are real
+``zowarmup-agent`` processes this orchestrator starts (``run``) or that join from their
+devices (``serve``). Each round: choose participants, send their seeds, wait for a quorum
+or the deadline, aggregate, journal, broadcast; evaluate every ``eval.every`` rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+
+import numpy as np
+
+from edge_agent.mqtt import MqttTransport, Tls
+
+from .broker import EmbeddedBroker
+from .config import Config
+from .evaluate import Evaluator
+from .fleet import LocalFleet
+from .progress import Progress
+from .rounds import RoundServer
+from .run import Plan, RunDir, RunError, journal_commits, open_journal, round_policy
+
+log = logging.getLogger("zowarmup.zo")
+
+
+def run_zo(config: Config, plan: Plan, rd: RunDir, model, progress: Progress,
+           started: float, local_agents: int | None) -> list[np.ndarray]:
+    history = journal_commits(rd.path / "journal")
+    rd.keep_metrics(below_round=plan.warmup_rounds + len(history))
+    progress.skip(plan.warmup_rounds + len(history))
+    with ExitStack() as stack:
+        url = config.fleet.broker
+        if not url:
+            broker = EmbeddedBroker(port=0).start()
+            stack.callback(broker.stop)
+            url = broker.url
+            log.info("embedded broker on %s", url)
+        transport = _transport(config, url)
+        stack.callback(transport.close)
+        journal = open_journal(rd.path / "journal", config.run.name)
+        stack.callback(journal.close)
+        policy, spec = round_policy(config)
+        server = RoundServer(transport, rd.path / "model", config.run.name, config.run.seed,
+                             policy, spec, journal, snapshot_every=config.zo.snapshot_every,
+                             history=history)
+        server.publish_model()
+        count = config.fleet.local_agents if local_agents is None else local_agents
+        count = len(plan.agent_ids) if count is None else count
+        if count:
+            fleet = _fleet(config, plan, rd, url, count)
+            fleet.start()
+            stack.callback(fleet.stop)
+        evaluator = Evaluator(rd.path / "model", server.manifest, server.weights,
+                              plan.dataset.x_test, plan.dataset.y_test, config.eval.batch_size)
+        pool = plan.agent_ids[:count] if count else None
+        for version in range(server.coordinator.version, plan.zo_rounds):
+            _round(config, plan, rd, server, evaluator, pool, version, progress, started)
+        return server.weights
+
+
+def _transport(config: Config, url: str) -> MqttTransport:
+    f = config.fleet
+    tls = Tls(f.tls_ca) if f.tls_ca else None
+    transport = MqttTransport(url, client_id=f"zowarmup-{config.run.name}-orchestrator",
+                              username=f.username or None, password=f.password or None,
+                              tls=tls)
+    transport.connect(30)
+    return transport
+
+
+def _fleet(config: Config, plan: Plan, rd: RunDir, url: str, count: int) -> LocalFleet:
+    f = config.fleet
+    extra: list[str] = []
+    if f.username:
+        extra += ["--username", f.username]
+    if f.tls_ca:
+        extra += ["--tls-ca", f.tls_ca]
+    env = {"ZOWARMUP_PASSWORD": f.password} if f.password else {}
+    shards = {a: rd.path / "shards" / f"{a}.npz" for a in plan.agent_ids[:count]}
+    return LocalFleet(url, config.run.name, shards, rd.path / "agents", config.zo.agent_threads,
+                      config.zo.micro_batch, tuple(extra), env=env)
+
+
+def choose(config: Config, pool: list[str], version: int) -> list[str]:
+    """This round's participants: a seeded sample of the pool, the same on every rerun."""
+    k = config.zo.clients_per_round
+    if not k or k >= len(pool):
+        return list(pool)
+    rng = np.random.default_rng([config.run.seed, version, 0x5A0])
+    return sorted(rng.choice(pool, size=k, replace=False).tolist())
+
+
+def _wait(config: Config, server: RoundServer, pool: list[str] | None,
+          version: int) -> list[str]:
+    f = config.fleet
+    if pool is None:  # serve: whoever joined, once enough have
+        ready = server.wait_for_agents(config.data.clients, f.join_timeout_s)
+        if not ready:
+            raise RunError(f"no agent joined run {config.run.name!r} within "
+                           f"{f.join_timeout_s:.0f} s; start agents with `zowarmup-agent run "
+                           f"--run {config.run.name} --broker URL --data SHARD`")
+        return choose(config, ready, version)
+    wanted = choose(config, pool, version)
+    end = time.monotonic() + f.join_timeout_s
+    while time.monotonic() < end and not set(wanted) <= set(server.ready_agents()):
+        server.pump(0.1)
+    ready = [a for a in wanted if a in server.ready_agents()]
+    if not ready:
+        raise RunError(f"none of the {len(wanted)} agent(s) chosen for round {version} was "
+                       f"ready within {f.join_timeout_s:.0f} s; see their logs under agents/")
+    if len(ready) < len(wanted):
+        log.warning("round %d: %d of %d chosen agents not in sync; going on without %s",
+                    version, len(wanted) - len(ready), len(wanted),
+                    ", ".join(sorted(set(wanted) - set(ready))))
+    return ready
+
+
+def _round(config: Config, plan: Plan, rd: RunDir, server: RoundServer, evaluator: Evaluator,
+           pool: list[str] | None, version: int, progress: Progress, started: float) -> None:
+    participants = _wait(config, server, pool, version)
+    up, down = server.result_bytes, server.downlink_bytes
+    commit = server.run_round(participants)
+    answered = len({p.seed for p in commit.pairs}) // max(1, config.zo.directions
+                                                           * config.zo.local_steps)
+    global_round = plan.warmup_rounds + version
+    acc = loss = None
+    if (version + 1) % config.eval.every == 0 or version + 1 == plan.zo_rounds:
+        loss, acc = evaluator()
+    rd.log_metrics({"round": global_round, "phase": "zo", "test_acc": acc, "test_loss": loss,
+                    "participants": len(participants), "answered": answered,
+                    "uplink_bytes": server.result_bytes - up,
+                    "downlink_bytes": (server.downlink_bytes - down) * len(participants),
+                    "refused": sum(server.coordinator.refused.values()),
+                    "late": server.coordinator.late, "wall_s": time.time() - started})
+    progress.update("zo", global_round, acc)
+
