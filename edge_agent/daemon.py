@@ -10,6 +10,7 @@ in one place, in order.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import threading
@@ -159,6 +160,11 @@ class AgentDaemon:
         log.info("round %d: %d direction(s) over %d samples", start.round, len(event.seeds),
                  self.samples)
         out = self.engine.round(event.seeds, start.eps, start.local_steps, start.local_lr)
+        if not (math.isfinite(out.loss) and all(math.isfinite(g) for g in out.scalars)):
+            log.error("round %d: the loss is not finite on this shard (loss %s): the model has "
+                      "diverged; no result sent. Lower the run's ZO learning rate.",
+                      start.round, out.loss)
+            return self.session.skipped()
         log.info("round %d: done in %.2f s, loss %.4f", start.round, out.seconds, out.loss)
         return self.session.computed(start, out.scalars, out.samples, out.loss, out.seconds)
 

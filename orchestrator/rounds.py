@@ -54,6 +54,7 @@ class RoundServer:
                                        history=history[-keep_commits:],
                                        keep_commits=keep_commits)
         self.downlink_bytes = 0
+        self._previous = history[-2].fingerprint if len(history) > 1 else ""
         # A snapshot at least every keep/2 rounds: an agent too far behind for the kept
         # commits loads the latest snapshot and replays at most keep/2 commits from there.
         self.snapshot_every = snapshot_every or max(1, keep_commits // 2)
@@ -123,10 +124,16 @@ class RoundServer:
                 self._send(self.coordinator.receive(message.topic, message.payload, time.time()))
 
     def ready_agents(self) -> list[str]:
-        """Agents that said hello holding the current state."""
+        """Online agents holding the current state, or the state just before the last commit.
+
+        An agent reports its state with each result and in hellos, not after applying a
+        commit; one that answered round r is still at r when round r+1 may open. It gets
+        the commit first (the broker keeps order), so it will compute on the current state.
+        """
         c = self.coordinator
+        current, previous = (c.version, c.fingerprint), (c.version - 1, self._previous)
         return sorted(a for a, r in c.agents.items()
-                      if r.online and r.version == c.version and r.fingerprint == c.fingerprint)
+                      if r.online and (r.version, r.fingerprint) in (current, previous))
 
     def online_agents(self) -> list[str]:
         return sorted(a for a, r in self.coordinator.agents.items() if r.online)
@@ -154,6 +161,7 @@ class RoundServer:
         """Aggregate, apply to our weights, journal durably, then broadcast the commit."""
         c = self.coordinator
         commit = c.close_round()
+        self._previous = c.fingerprint
         apply_commit(self.weights, commit, self.spec)
         fp = fingerprint(self.weights)
         if self.journal is not None:

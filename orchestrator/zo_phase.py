@@ -9,6 +9,7 @@ or the deadline, aggregate, journal, broadcast; evaluate every ``eval.every`` ro
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import ExitStack
 
@@ -124,12 +125,19 @@ def _round(config: Config, plan: Plan, rd: RunDir, server: RoundServer, evaluato
     participants = _wait(config, server, pool, version)
     up, down = server.result_bytes, server.downlink_bytes
     commit = server.run_round(participants)
-    answered = len({p.seed for p in commit.pairs}) // max(1, config.zo.directions
+    answered = len({seed for seed, _ in commit.pairs}) // max(1, config.zo.directions
                                                            * config.zo.local_steps)
     global_round = plan.warmup_rounds + version
     acc = loss = None
     if (version + 1) % config.eval.every == 0 or version + 1 == plan.zo_rounds:
         loss, acc = evaluator()
+        if not math.isfinite(loss) or loss > 1e6:
+            raise RunError(f"the ZO phase diverged at round {global_round} (test loss "
+                           f"{loss:.3g}); resume cannot help: rerun with a lower zo.lr "
+                           f"(now {config.zo.lr}) or zo.eps (now {config.zo.eps})")
+    if not commit.pairs:
+        log.warning("round %d closed with no result (deadline %.0f s); nothing changed",
+                    global_round, config.zo.deadline_s)
     rd.log_metrics({"round": global_round, "phase": "zo", "test_acc": acc, "test_loss": loss,
                     "participants": len(participants), "answered": answered,
                     "uplink_bytes": server.result_bytes - up,

@@ -169,6 +169,15 @@ class AgentSession:
                         float(loss), float(compute_s))
         return [self._send("result", result)] + self._resume()
 
+    def skipped(self) -> list[Event]:
+        """The engine produced no usable result (a non-finite loss): send nothing, go on.
+
+        The round closes at its deadline without us; a non-finite scalar is never sent,
+        since the orchestrator would refuse it anyway.
+        """
+        self._busy = False
+        return self._resume()
+
     def applied(self, commits: tuple[CommitMessage, ...], fingerprint: str) -> list[Event]:
         """The engine applied ``commits``; a fingerprint that differs means we diverged."""
         self._busy = False

@@ -1,0 +1,157 @@
+"""`zowarmup run` end to end: warm-up, pivot, ZO rounds over MQTT with real agent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protocols.journal import read_journal
+
+pytest.importorskip("torch", reason="the orchestrator needs its extra")
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """
+[run]
+name = "tiny"
+seed = 3
+
+[data]
+dataset = "digits"
+clients = 4
+alpha = 1.0
+split = "50/50"
+
+[model]
+name = "cnn"
+width = 8
+
+[warmup]
+rounds = 3
+client_lr = 0.1
+local_epochs = 1
+batch_size = 32
+
+[zo]
+rounds = 12
+directions = 2
+eps = 1e-3
+lr = 1e-2
+deadline_s = 60
+
+[eval]
+every = 3
+"""
+
+
+def zowarmup(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded_run(config_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "embedded"
+    done = zowarmup("run", str(config_file), "--out", str(out), cwd=config_file.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def test_a_run_warms_up_pivots_and_trains_with_zo(embedded_run):
+    s = summary_of(embedded_run)
+    assert s["warmup_rounds"] == 3 and s["zo_rounds"] == 12 and s["agents"] == 4
+    rows = [json.loads(line) for line in (embedded_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["warmup"] * 3 + ["zo"] * 12
+    assert [r["round"] for r in rows] == list(range(15))
+    assert all(r["answered"] == 4 and r["refused"] == 0 for r in rows[3:])
+    assert s["pivot_acc"] == rows[2]["test_acc"] and s["final_acc"] == rows[-1]["test_acc"]
+    # the ZO uplink is a few scalars; the warm-up ships the model each way
+    zo, warm = s["bytes_per_client_round"]["zo"], s["bytes_per_client_round"]["warmup"]
+    assert 0 < zo["uplink"] < 1000 < warm["uplink"]
+    assert len(read_journal(embedded_run / "journal").commits) == 12
+    assert (embedded_run / "model" / "manifest.json").exists()
+    assert len(list((embedded_run / "shards").glob("client-*.npz"))) == 4
+
+
+def test_an_external_mosquitto_gives_the_same_bits(embedded_run, config_file, mosquitto,
+                                                   tmp_path):
+    out = tmp_path / "mosquitto"
+    done = zowarmup("run", str(config_file), "--out", str(out), "--broker", mosquitto.url,
+                    cwd=config_file.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert summary_of(out)["final_sha256"] == summary_of(embedded_run)["final_sha256"]
+
+
+def test_resume_after_sigkill_in_the_zo_phase_gives_the_same_bits(embedded_run, config_file,
+                                                                  tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(config_file),
+                             "--out", str(out)], cwd=config_file.parent, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    end = time.time() + 120
+    while time.time() < end:
+        journal = out / "journal"
+        if journal.exists() and len(read_journal(journal).commits) >= 4:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and its agents, mid-phase
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    killed_at = len(read_journal(out / "journal").commits)
+    assert 4 <= killed_at < 12
+    again = zowarmup("run", str(config_file), "--out", str(out), cwd=config_file.parent)
+    assert again.returncode != 0 and "zowarmup resume" in again.stderr
+    done = zowarmup("resume", str(out), cwd=config_file.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert summary_of(out)["final_sha256"] == summary_of(embedded_run)["final_sha256"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rounds = [json.loads(line)["round"] for line in lines]
+    assert rounds == list(range(15))  # nothing lost, nothing twice
+
+
+def test_baselines_run_in_the_same_format(config_file, tmp_path):
+    for method, warm, zo in (("high-res-only", 6, 0), ("zo-scratch", 0, 3)):
+        out = tmp_path / method
+        done = zowarmup("run", str(config_file), "--out", str(out), "--set",
+                        f"run.method={method}", "--set", "zo.rounds=3", "--set",
+                        "warmup.rounds=3", cwd=config_file.parent)
+        assert done.returncode == 0, done.stderr[-4000:]
+        s = summary_of(out)
+        assert (s["method"], s["warmup_rounds"], s["zo_rounds"]) == (method, warm, zo)
+        assert s["final_acc"] is not None and len(s["final_sha256"]) == 64
+
+
+def test_report_reads_runs(embedded_run, tmp_path):
+    done = zowarmup("report", str(embedded_run), "--plot", str(tmp_path / "acc.png"),
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "zowarmup" in done.stdout and (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def test_bad_config_is_refused_with_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[zo]\ndirectionz = 2\n")
+    done = zowarmup("run", str(bad), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert done.returncode != 0 and "directionz" in done.stderr
+    assert not (tmp_path / "x").exists()
