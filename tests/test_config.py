@@ -57,11 +57,11 @@ def test_quickstart_example_loads(monkeypatch, tmp_path):
     assert (c.model.name, c.model.width) == ("cnn", 16)
     w = c.warmup
     assert (w.rounds, w.strategy, w.client_lr, w.local_epochs, w.batch_size) == (
-        15, "fedavg", 0.05, 2, 32)
+        15, "fedavg", 0.1, 2, 32)
     z = c.zo
     assert (z.rounds, z.directions, z.eps, z.lr, z.micro_batch, z.agent_threads) == (
-        40, 4, 1e-3, 1e-3, 64, 1)
-    assert c.eval.every == 5
+        100, 4, 1e-3, 1e-2, 64, 1)
+    assert c.eval.every == 10
 
 
 def test_cifar10_example_loads_with_the_archive_in_place(monkeypatch, tmp_path):
