@@ -155,3 +155,38 @@ def test_bad_config_is_refused_with_the_field(tmp_path):
     done = zowarmup("run", str(bad), "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert done.returncode != 0 and "directionz" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_serve_waits_for_remote_agents(config_file, mosquitto, tmp_path):
+    out = tmp_path / "served"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve",
+                               str(config_file), "--out", str(out), "--broker", mosquitto.url,
+                               "--set", "zo.rounds=3", "--set", "zo.local_steps=2"],
+                              cwd=config_file.parent, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    agents = []
+    try:
+        end = time.time() + 120
+        while time.time() < end and not (out / "shards" / "partition.json").exists():
+            time.sleep(0.1)
+        for i in range(4):  # devices elsewhere, started by hand with their shards
+            agents.append(subprocess.Popen(
+                [sys.executable, "-m", "edge_agent.cli", "run", "--broker", mosquitto.url,
+                 "--run", "tiny", "--id", f"device-{i}", "--threads", "1",
+                 "--data", str(out / "shards" / f"client-{i:03d}.npz"),
+                 "--state-dir", str(tmp_path / f"device-{i}")],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _, err = server.communicate(timeout=180)
+    finally:
+        for agent in agents:
+            agent.terminate()
+            agent.wait(10)
+        server.kill()
+    assert server.returncode == 0, err[-4000:]
+    s = summary_of(out)
+    assert s["zo_rounds"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # two local steps of two directions each: four (seed, coefficient) pairs per agent
+    assert [r["answered"] for r in rows if r["phase"] == "zo"] == [4, 4, 4]
+    assert len(read_journal(out / "journal").commits[0].commit.pairs) == 16
