@@ -24,6 +24,28 @@ def main() -> None:
     """
 
 
+def engine_options(f):
+    """How the engine runs forward passes: shared by `run` and `bench`."""
+    options = [
+        click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=None,
+                     help="Samples per forward pass (default 64; with --memory-budget, the "
+                     "most that fits, up to this)."),
+        click.option("--memory-budget", "memory_budget", type=click.FloatRange(16),
+                     default=None, metavar="MB", help="Peak memory this agent may use: it "
+                     "measures a forward pass here and picks the micro-batch (and forward "
+                     "strategy) that fits, or says what budget would work."),
+        click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                     help="ONNX Runtime threads (default: all cores)."),
+        click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]),
+                     default="auto", show_default=True, help="Forward passes with the weights "
+                     "as graph inputs, or compiled as constants per pass (faster on big "
+                     "shards); auto times both."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
 def selftest() -> None:
     """Check this machine's direction stream, commit application and fingerprint.
@@ -63,18 +85,7 @@ def selftest() -> None:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--mqtt", "protocol", type=click.Choice(["3.1.1", "5"]), default="3.1.1",
               show_default=True, help="MQTT protocol version.")
-@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=None,
-              help="Samples per forward pass (default 64; with --memory-budget, the most that "
-              "fits, up to this).")
-@click.option("--memory-budget", "memory_budget", type=click.FloatRange(16), default=None,
-              metavar="MB", help="Peak memory this agent may use: it measures a forward pass "
-              "here and picks the micro-batch (and forward strategy) that fits, or says what "
-              "budget would work.")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="ONNX Runtime threads (default: all cores).")
-@click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]), default="auto",
-              show_default=True, help="Forward passes with the weights as graph inputs, or "
-              "compiled as constants per pass (faster on big shards); auto times both.")
+@engine_options
 def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, tls_cert,
         tls_key, protocol, micro_batch, memory_budget, threads, strategy) -> None:
     """Join a fleet: fetch the model, take part in rounds, stay in sync.
@@ -114,17 +125,7 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
               help="The shard this device will train on.")
 @click.option("--directions", "-s", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Directions per round (the fleet's s).")
-@click.option("--micro-batch", type=click.IntRange(1, 1 << 20), default=None,
-              help="Samples per forward pass (default 64; with --memory-budget, the most that "
-              "fits, up to this).")
-@click.option("--memory-budget", "memory_budget", type=click.FloatRange(16), default=None,
-              metavar="MB", help="Peak memory this agent may use: it measures a forward pass "
-              "here and picks the micro-batch (and forward strategy) that fits, or says what "
-              "budget would work.")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None)
-@click.option("--strategy", type=click.Choice(["auto", "inputs", "constants"]), default="auto",
-              show_default=True, help="Forward passes with the weights as graph inputs, or "
-              "compiled as constants per pass (faster on big shards); auto times both.")
+@engine_options
 def bench(model_dir, data, directions, micro_batch, memory_budget, threads, strategy) -> None:
     """Time one ZO round on this device and report its peak memory, as JSON.
 
