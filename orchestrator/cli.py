@@ -230,7 +230,7 @@ def _load(config_file: Path, overrides: tuple[str, ...], broker: str | None,
     return load_config(config_file, extra)
 
 
-def _start(config, local_agents: int | None, fresh: bool) -> None:
+def _start(config, local_agents: int | None, fresh: bool, simulate: bool = False) -> None:
     import json
 
     from .run import SUMMARY, RunDir, execute
@@ -241,7 +241,7 @@ def _start(config, local_agents: int | None, fresh: bool) -> None:
             f"{run_dir} already holds a run ({state.get('phase')}); continue it with "
             f"`zowarmup resume {run_dir}`, or pick another directory with --out")
     try:
-        summary = execute(config, run_dir, local_agents=local_agents)
+        summary = execute(config, run_dir, local_agents=local_agents, simulate=simulate)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary, indent=2))
@@ -250,8 +250,10 @@ def _start(config, local_agents: int | None, fresh: bool) -> None:
 
 @main.command()
 @run_options
+@click.option("--simulate", is_flag=True, help="ZO rounds in process, without a broker or "
+              "agent processes: the same coordinator and agent engine, the same bits, faster.")
 def run(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: Path | None,
-        verbose: bool) -> None:
+        verbose: bool, simulate: bool) -> None:
     """Run a whole ZOWarmUp job from one config file, on this machine.
 
     Partitions the data, warms the model up with FedAvg/FedAdam on the high-resource
@@ -270,7 +272,7 @@ def run(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: 
         config = _load(config_file, overrides, broker, out)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
-    _start(config, None, fresh=True)
+    _start(config, None, fresh=True, simulate=simulate)
 
 
 @main.command()

@@ -116,19 +116,22 @@ class RunDir:
 
 
 def execute(config: Config, run_dir: Path, progress: Progress | None = None,
-            local_agents: int | None = None) -> dict:
+            local_agents: int | None = None, simulate: bool = False) -> dict:
     """Run (or continue) the whole job in ``run_dir``; returns the summary."""
     from .warmup_phase import run_warmup
     from .zo_phase import run_zo
     rd = RunDir(run_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
     (rd.path / "config.toml").write_text(config.to_toml())
+    if rd.state()["phase"] == "new":
+        rd.set_state(simulate=simulate)
+    simulate = bool(rd.state().get("simulate", simulate))  # a resume keeps the run's mode
     plan = plan_run(config)
     progress = progress or Progress(plan.warmup_rounds + plan.zo_rounds)
     started = time.time() - float(rd.state().get("wall_s", 0.0))
     model = run_warmup(config, plan, rd, progress, started)
     if plan.zo_rounds:
-        weights = run_zo(config, plan, rd, model, progress, started, local_agents)
+        weights = run_zo(config, plan, rd, model, progress, started, local_agents, simulate)
         sha = weights_sha256(weights)
     else:
         sha = _torch_sha256(model)

@@ -29,10 +29,13 @@ log = logging.getLogger("zowarmup.zo")
 
 
 def run_zo(config: Config, plan: Plan, rd: RunDir, model, progress: Progress,
-           started: float, local_agents: int | None) -> list[np.ndarray]:
+           started: float, local_agents: int | None, simulate: bool = False
+           ) -> list[np.ndarray]:
     history = journal_commits(rd.path / "journal")
     rd.keep_metrics(below_round=plan.warmup_rounds + len(history))
     progress.skip(plan.warmup_rounds + len(history))
+    if simulate:
+        return _simulated(config, plan, rd, progress, started, history)
     with ExitStack() as stack:
         url = config.fleet.broker
         if not url:
@@ -61,6 +64,26 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, model, progress: Progress,
         for version in range(server.coordinator.version, plan.zo_rounds):
             _round(config, plan, rd, server, evaluator, pool, version, progress, started)
         return server.weights
+
+
+def _simulated(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: float,
+               history: list) -> list[np.ndarray]:
+    """The same rounds without a broker: coordinator in process, engines in workers."""
+    from .simulate import Simulation
+    policy, spec = round_policy(config)
+    shards = {a: rd.path / "shards" / f"{a}.npz" for a in plan.agent_ids}
+    with ExitStack() as stack:
+        journal = open_journal(rd.path / "journal", config.run.name)
+        stack.callback(journal.close)
+        sim = Simulation(rd.path / "model", shards, config.run.name, config.run.seed, policy,
+                         spec, config.zo.micro_batch, history=history, journal=journal)
+        stack.callback(sim.close)
+        evaluator = Evaluator(rd.path / "model", sim.manifest, sim.weights,
+                              plan.dataset.x_test, plan.dataset.y_test, config.eval.batch_size)
+        for version in range(sim.coordinator.version, plan.zo_rounds):
+            participants = choose(config, plan.agent_ids, version)
+            _record(config, plan, rd, sim, evaluator, participants, version, progress, started)
+        return sim.weights
 
 
 def _transport(config: Config, url: str) -> MqttTransport:
@@ -123,6 +146,12 @@ def _wait(config: Config, server: RoundServer, pool: list[str] | None,
 def _round(config: Config, plan: Plan, rd: RunDir, server: RoundServer, evaluator: Evaluator,
            pool: list[str] | None, version: int, progress: Progress, started: float) -> None:
     participants = _wait(config, server, pool, version)
+    _record(config, plan, rd, server, evaluator, participants, version, progress, started)
+
+
+def _record(config: Config, plan: Plan, rd: RunDir, server, evaluator: Evaluator,
+            participants: list[str], version: int, progress: Progress, started: float) -> None:
+    """Run one round on ``server`` (MQTT or simulated), evaluate, and log its metrics."""
     up, down = server.result_bytes, server.downlink_bytes
     commit = server.run_round(participants)
     answered = len({seed for seed, _ in commit.pairs}) // max(1, config.zo.directions

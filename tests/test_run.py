@@ -190,3 +190,15 @@ def test_serve_waits_for_remote_agents(config_file, mosquitto, tmp_path):
     # two local steps of two directions each: four (seed, coefficient) pairs per agent
     assert [r["answered"] for r in rows if r["phase"] == "zo"] == [4, 4, 4]
     assert len(read_journal(out / "journal").commits[0].commit.pairs) == 16
+
+
+def test_a_simulated_run_ends_on_the_bits_of_the_mqtt_run(embedded_run, config_file, tmp_path):
+    out = tmp_path / "simulated"
+    done = zowarmup("run", str(config_file), "--out", str(out), "--simulate",
+                    cwd=config_file.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert summary_of(out)["final_sha256"] == summary_of(embedded_run)["final_sha256"]
+    sim = (out / "metrics.jsonl").read_text().splitlines()
+    mqtt = (embedded_run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["test_acc"] for line in sim] == [
+        json.loads(line)["test_acc"] for line in mqtt]

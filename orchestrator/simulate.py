@@ -1,0 +1,147 @@
+"""Step 2 in one machine, fast: the same coordinator and the same agent engine, no broker.
+
+Experiments run hundreds of configurations; starting a broker and one agent process per
+client for each would spend most of the time on plumbing. Here the ``Coordinator`` state
+machine runs exactly as it does over MQTT (seeds, validation, aggregation in participant
+order), its messages go through the codec, and the results come from ``ZoEngine``, the
+agent's own engine, in worker processes. Every agent holds the same bits, so one engine
+per worker serves all of its clients by switching shards. With the same micro-batch,
+forward strategy and thread count as the agents, a simulated run ends on the same bits as
+one over MQTT (``tests/test_simulate.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent.engine import ZoEngine
+from edge_agent.shard import load_shard
+from protocols import topics
+from protocols.codec import decode, encode
+from protocols.coordinator import Coordinator
+from protocols.directions import DirectionSpec
+from protocols.manifest import MANIFEST, load_manifest, read_weights
+from protocols.messages import Capabilities, CommitMessage, Hello, Result, RoundStart
+from protocols.zo import apply_commit, fingerprint
+
+SHARD_STRATEGY_SAMPLES = 512  # as orchestrator.fleet.strategy_for: constants from here on
+
+
+def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
+            micro_batch: int) -> None:
+    """One process: an engine, its clients' shards, and a loop of round -> results."""
+    manifest = load_manifest(Path(model_dir))
+    loaded = {a: load_shard(Path(p), manifest) for a, p in shards.items()}
+    first = next(iter(loaded.values()))
+    engine = ZoEngine(Path(model_dir), first, spec, micro_batch=micro_batch, threads=1,
+                      manifest=manifest, strategy="inputs")
+    while True:
+        kind, payload = conn.recv()
+        if kind == "stop":
+            return
+        if kind == "commit":
+            engine.apply([decode(payload)])
+            conn.send(engine.fingerprint())
+            continue
+        start: RoundStart = decode(payload)
+        results = []
+        for agent in sorted(set(start.assignments) & set(loaded)):
+            shard = loaded[agent]
+            engine.shard = shard
+            engine.strategy = ("constants" if len(shard) >= SHARD_STRATEGY_SAMPLES
+                               and manifest.graph_const else "inputs")
+            out = engine.round(start.assignments[agent], start.eps, start.local_steps,
+                               start.local_lr)
+            results.append(encode(Result(agent, start.round, start.assignments[agent],
+                                         out.scalars, out.samples, engine.fingerprint(),
+                                         out.loss, out.seconds)))
+        conn.send(results)
+
+
+class Simulation:
+    """The ZO phase over the coordinator and worker engines; mirrors ``RoundServer``."""
+
+    def __init__(self, model_dir: Path, shards: dict[str, Path], run_id: str, seed: int,
+                 coordinator_policy, spec: DirectionSpec, micro_batch: int = 64,
+                 workers: int | None = None, history: Sequence[CommitMessage] = (),
+                 journal=None) -> None:
+        self.journal = journal
+        self.model_dir = Path(model_dir)
+        self.manifest = load_manifest(self.model_dir)
+        self.flat, self.weights = read_weights(self.model_dir, self.manifest)
+        self.spec = spec
+        for message in history:
+            apply_commit(self.weights, message.commit, spec)
+        self.coordinator = Coordinator(run_id, seed, spec, len(history),
+                                       fingerprint(self.weights), coordinator_policy,
+                                       history=history)
+        self.result_bytes = self.downlink_bytes = 0
+        ids = sorted(shards)
+        count = max(1, min(workers or mp.cpu_count() or 1, len(ids)))
+        ctx = mp.get_context("spawn")  # no inherited torch threads or locks
+        self._pipes = []
+        self._procs = []
+        for w in range(count):
+            mine = {a: str(shards[a]) for a in ids[w::count]}
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, str(self.model_dir), mine, spec,
+                                                     micro_batch), daemon=True)
+            proc.start()
+            self._pipes.append(parent)
+            self._procs.append(proc)
+        for message in history:  # the workers start from weights.bin, like a new agent
+            self._broadcast_commit(message)
+        model_sha256 = hashlib.sha256((self.model_dir / MANIFEST).read_bytes()).hexdigest()
+        for agent in ids:
+            hello = Hello(agent, Capabilities(0, 1, 0), model_sha256, self.coordinator.version,
+                          self.coordinator.fingerprint)
+            self.coordinator.receive(topics.agent(run_id, agent, "hello"), encode(hello),
+                                     time.time())
+
+    def run_round(self, participants: Sequence[str]):
+        c = self.coordinator
+        send = c.open_round(participants, time.time())
+        self.downlink_bytes += len(send.payload)
+        for pipe in self._pipes:
+            pipe.send(("round", send.payload))
+        for pipe in self._pipes:
+            for payload in pipe.recv():
+                self.result_bytes += len(payload)
+                agent = decode(payload).agent_id
+                c.receive(topics.agent(c.run_id, agent, "result"), payload, time.time())
+        if not c.round_results():
+            raise RuntimeError(f"simulated round {c.version}: every result was refused "
+                               f"({c.refusals[-1] if c.refusals else 'none arrived'})")
+        commit = c.close_round()
+        apply_commit(self.weights, commit, self.spec)
+        fp = fingerprint(self.weights)
+        message = CommitMessage(commit, fp)
+        if self.journal is not None:
+            self.journal.append_commit(message)
+        sent = c.committed(commit, fp)
+        self.downlink_bytes += len(sent.payload)
+        self._broadcast_commit(message)
+        return commit
+
+    def _broadcast_commit(self, message: CommitMessage) -> None:
+        payload = encode(message)
+        for pipe in self._pipes:
+            pipe.send(("commit", payload))
+        for pipe in self._pipes:
+            if pipe.recv() != message.fingerprint:
+                raise RuntimeError("a simulated agent diverged from the coordinator")
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                pipe.send(("stop", b""))
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
