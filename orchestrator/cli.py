@@ -363,6 +363,40 @@ def partition(config_file: Path, out: Path, overrides: tuple[str, ...]) -> None:
                f"{len(files) - high} low-resource) with test.npz and partition.json")
 
 
+@main.command()
+@click.argument("grid_file", metavar="GRID",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the table (Markdown, JSON), its plot and the command here.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override a field in every run (e.g. --set zo.rounds=20 for a quick look).")
+@click.option("-v", "--verbose", is_flag=True)
+def experiment(grid_file: Path, results: Path | None, overrides: tuple[str, ...],
+               verbose: bool) -> None:
+    """Run a grid of configurations x seeds and print one table.
+
+    GRID names a base config, the seeds, the axes to sweep and the methods; see
+    docs/results/ for the grids behind the published tables. The ZO phase runs in process
+    (`run --simulate`: same bits as over MQTT). Finished runs are kept, so running the
+    same command again after a stop continues the grid.
+
+    \b
+    Example:
+      zowarmup experiment docs/results/table2-digits.toml --results docs/results
+    """
+    from .experiment import command_line, load_grid, markdown, run_grid, write_results
+    _setup_logging(verbose)
+    try:
+        grid = load_grid(grid_file, overrides)
+        rows = run_grid(grid)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(markdown(grid, rows))
+    if results:
+        for path in write_results(grid, rows, results, command_line()):
+            click.echo(f"wrote {path}")
+
+
 def _register_report() -> None:
     try:
         from .report import report_command

@@ -1,0 +1,85 @@
+"""`zowarmup experiment`: a grid of simulated runs as one table, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch", reason="the orchestrator needs its extra")
+
+BASE = """
+[run]
+name = "grid"
+[data]
+clients = 4
+alpha = 1.0
+split = "50/50"
+[model]
+width = 4
+[warmup]
+rounds = 2
+local_epochs = 1
+[zo]
+rounds = 2
+directions = 1
+[eval]
+every = 2
+"""
+
+GRID = """
+[experiment]
+name = "tiny-grid"
+base = "base.toml"
+seeds = [0, 1]
+out = "{out}"
+
+[grid]
+"data.split" = ["25/75", "75/25"]
+
+[methods]
+"High-Res-Only" = {{ "run.method" = "high-res-only" }}
+"ZOWarmUp" = {{ "run.method" = "zowarmup" }}
+"""
+
+
+def test_a_grid_runs_every_cell_and_tabulates_mean_and_std(tmp_path, monkeypatch):
+    from orchestrator.experiment import load_grid, markdown, run_grid, write_results
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "grid.toml").write_text(GRID.format(out=tmp_path / "runs"))
+    grid = load_grid(tmp_path / "grid.toml")
+    assert len(grid.cells()) == 8
+    rows = run_grid(grid)
+    assert len(rows) == 4 and all(r["seeds"] == [0, 1] for r in rows)
+    for r in rows:
+        accs = r["accuracies"]
+        assert r["mean"] == pytest.approx(sum(accs) / 2)
+        assert r["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    assert {(r["split"], r["method"]) for r in rows} == {
+        (s, m) for s in ("25/75", "75/25") for m in ("High-Res-Only", "ZOWarmUp")}
+    table = markdown(grid, rows)
+    assert table.splitlines()[0] == "| split | High-Res-Only | ZOWarmUp |"
+    files = write_results(grid, rows, tmp_path / "results", "zowarmup experiment grid.toml")
+    data = json.loads(files[1].read_text())
+    assert {"dataset", "model", "split", "method", "seeds", "mean", "std"} <= set(data[0])
+    assert "zowarmup experiment grid.toml" in files[0].read_text()
+    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # finished runs are kept: a second call runs nothing and gives the same table
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
+    assert markdown(grid, run_grid(grid)) == table
+    assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
+
+
+def test_a_grid_with_a_bad_field_is_refused_before_any_run(tmp_path):
+    from orchestrator.experiment import ExperimentError, load_grid
+    from protocols.errors import ZoError
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "grid.toml").write_text(GRID.format(out=tmp_path / "runs").replace(
+        '"run.method" = "zowarmup"', '"zo.directionz" = 2'))
+    with pytest.raises(ZoError, match="directionz"):
+        load_grid(tmp_path / "grid.toml")
+    (tmp_path / "g2.toml").write_text("[experiment]\nbase = 'base.toml'\n")
+    with pytest.raises(ExperimentError, match="seeds"):
+        load_grid(tmp_path / "g2.toml")
+    assert not (tmp_path / "runs").exists()
