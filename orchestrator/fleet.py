@@ -76,7 +76,10 @@ def strategy_for(shard: Path) -> str:
     """
     import numpy as np
     with np.load(shard, allow_pickle=False) as data:
-        samples = int(data["y"].shape[0])
+        return strategy_for_samples(int(data["y"].shape[0]))
+
+
+def strategy_for_samples(samples: int) -> str:
     return "constants" if samples >= 512 else "inputs"
 
 

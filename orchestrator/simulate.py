@@ -29,7 +29,7 @@ from protocols.manifest import MANIFEST, load_manifest, read_weights
 from protocols.messages import Capabilities, CommitMessage, Hello, Result, RoundStart
 from protocols.zo import apply_commit, fingerprint
 
-SHARD_STRATEGY_SAMPLES = 512  # as orchestrator.fleet.strategy_for: constants from here on
+from .fleet import strategy_for_samples
 
 
 def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
@@ -53,8 +53,8 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
         for agent in sorted(set(start.assignments) & set(loaded)):
             shard = loaded[agent]
             engine.shard = shard
-            engine.strategy = ("constants" if len(shard) >= SHARD_STRATEGY_SAMPLES
-                               and manifest.graph_const else "inputs")
+            engine.strategy = (strategy_for_samples(len(shard)) if manifest.graph_const
+                               else "inputs")  # as the local agents are started
             out = engine.round(start.assignments[agent], start.eps, start.local_steps,
                                start.local_lr)
             results.append(encode(Result(agent, start.round, start.assignments[agent],
