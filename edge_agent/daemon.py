@@ -22,6 +22,7 @@ from protocols.errors import ProtocolError
 from protocols.messages import Capabilities
 from protocols.topics import Send
 
+from . import memory
 from .download import ModelDownload, parse_announced_manifest
 from .engine import ZoEngine
 from .mqtt import ConnectFailed, MqttTransport, Tls, Will
@@ -58,7 +59,7 @@ def capabilities(samples: int, threads: int | None) -> Capabilities:
         agent_version = version("zowarmup")
     except PackageNotFoundError:
         agent_version = "dev"
-    return Capabilities(int(memory_mb), threads or os.cpu_count() or 1, samples,
+    return Capabilities(int(memory_mb), threads or memory.usable_cores(), samples,
                         f"{platform.machine()}-{platform.system()}".lower()[:128], agent_version)
 
 

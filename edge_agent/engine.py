@@ -6,16 +6,21 @@ The hot path is MeZO's three steps, with directions regenerated from their seeds
     perturb(-eps) -> loss over the shard -> restore
     g = (L+ - L-) / 2 eps
 
-Float32 addition is not exactly reversible (``(w + d) - d`` can differ from ``w`` in the
-last bit), yet the agent must end every round on the orchestrator's exact bits. So
-``perturb`` keeps an *undo log*: the original value of each element whose round trip
-would not restore it. That is a few percent of the elements at most, instead of a second
-copy of the model; ``restore`` subtracts the same direction and patches those elements.
+The weights and their exact-undo log live in ``weights.py``; how a forward pass runs is
+the *strategy*:
+
+* ``native`` (the default wherever it compiles): ONNX Runtime's own optimised graph for
+  this CPU, with the weights as inputs in the layout its kernels read (``native.py``).
+  Constant-weight speed, one session for the engine's life, no copy of the weights.
+* ``inputs``: the exported graph, weights as inputs in their plain layout. No setup.
+* ``constants``: per pass, a session over the constant-weights graph built from the
+  current weights: the speed of ``native`` plus a build per pass and a second copy.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,15 +29,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from protocols.directions import DirectionSpec, axpy, scaled_chunks
-from protocols.manifest import Manifest, load_manifest, read_weights
+from protocols.directions import DirectionSpec
+from protocols.manifest import Manifest, load_manifest
 from protocols.messages import CommitMessage
-from protocols.zo import apply_commit, fingerprint, projected_gradient
+from protocols.zo import projected_gradient
 
 from . import memory
+from .native import NativeGraph, NativeUnsupported, compile_native
 from .shard import Shard, check_shard
+from .weights import Undo, Weights
 
-Undo = list[tuple[int, np.ndarray, np.ndarray]]  # (tensor index, flat indices, original values)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,34 +51,63 @@ class RoundOutput:
     undo_elements: int  # the largest undo log of the round, in elements
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+# Address space, not memory: only pages in use become resident, plus the arena's index of
+# the region (~3% of it). Enough for ResNet-18's activations at batch 64 (~85 MB); a model
+# that needs more gets further regions of doubling size.
+ARENA_RESERVE = 128 << 20
+_arena_registered = False
+
+
+def _shared_arena() -> None:
+    """One arena for the process's forward sessions, reserved as one region up front.
+
+    ONNX Runtime's default arena starts small and adds regions of doubling size; freed
+    activations then scatter across regions and a pass over a shard keeps touching new
+    pages (ResNet-18 at batch 64: 92 MB after one forward, 100 after a pass). One region
+    that holds a whole forward is reused best-fit from its start: 85 MB, flat.
+    """
+    global _arena_registered
+    if _arena_registered:
+        return
+    config = ort.OrtArenaCfg({"arena_extend_strategy": 0,
+                              "initial_chunk_size_bytes": ARENA_RESERVE})
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                             ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, config)
+    _arena_registered = True
+
+
+def session_options(threads: int | None, shared_arena: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or memory.usable_cores()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No arena: it keeps the largest activations of any batch reserved for good, ~70 MB
-    # on ResNet-18 at batch 64, for no measurable speed on these graphs.
-    options.enable_cpu_mem_arena = False
+    # The arena reuses freed activations in place; without it glibc's heap fragments and
+    # a pass over a shard peaked 1.5x higher, and ran up to 1.5x slower (page faults).
+    # The memory pattern would plan one block per batch shape and keep each: off.
+    options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = False
+    if shared_arena:
+        _shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    # Weights are graph inputs the agent moves in place; a kernel must read them at run
+    # time, never pre-pack a private copy.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3
     return options
 
 
-STRATEGIES = ("auto", "inputs", "constants")
+STRATEGIES = ("auto", "native", "inputs", "constants")
 
 
 class ZoEngine:
-    """Forward passes run one of two ways, chosen per shard size (``strategy="auto"``):
+    """A model, a shard and the weights; the ZO round, commits and fingerprints over them.
 
-    * ``inputs``: one session whose graph takes the weights as inputs, bound once to our
-      buffers; perturbing in place needs no rebinding. No setup cost per pass.
-    * ``constants``: per pass, a session over the constant-weights graph, given our
-      current (perturbed) buffers as its initializers. ONNX Runtime then optimises the
-      weights as constants, ~1.5x faster per batch, for one session build per pass.
-
-    Only the session the chosen strategy needs stays alive. With ``memory_budget_mb`` the
-    engine measures what a forward pass costs here and picks the largest micro-batch
-    (and the strategy) that fits, or refuses with the least budget that would work.
+    ``strategy="auto"`` compiles the native graph and uses it; where ONNX Runtime moves
+    weights in a way the agent cannot follow (``NativeUnsupported``), it falls back to
+    ``inputs`` or ``constants``, whichever the shard size favours. With
+    ``memory_budget_mb`` the engine measures what a forward pass costs here and picks the
+    largest micro-batch that fits, or refuses with the least budget that would work.
     """
 
     def __init__(self, model_dir: Path, shard: Shard, spec: DirectionSpec | None = None,
@@ -82,12 +118,15 @@ class ZoEngine:
         self.manifest = manifest or load_manifest(self.model_dir, verify=verify)
         self.shard = check_shard(shard, self.manifest)
         self.spec = spec or DirectionSpec()
-        self.threads = threads or os.cpu_count() or 1
-        self.flat, self.weights = read_weights(self.model_dir, self.manifest)
-        self._values = [ort.OrtValue.ortvalue_from_numpy(t) for t in self.weights]
-        self._session: ort.InferenceSession | None = None
-        self._index_type = np.int32 if self.flat.size < 2**31 else np.int64
+        self.threads = threads or memory.usable_cores()
         self._check_strategy(strategy)
+        self._work = tempfile.TemporaryDirectory(prefix="zowarmup-native-")
+        self.native = self._compile(strategy)
+        self.weights = Weights.load(self.model_dir / self.manifest.weights, self.manifest,
+                                    self.native.layouts if self.native else None)
+        self._session: ort.InferenceSession | None = None
+        if self.native:
+            strategy = "native"
         if memory_budget_mb is not None:
             self.micro_batch = 1
             self.strategy, self.micro_batch = self._plan(strategy, memory_budget_mb,
@@ -101,9 +140,24 @@ class ZoEngine:
     def _check_strategy(self, strategy: str) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
-        if strategy == "constants" and not self.manifest.graph_const:
-            raise ValueError("this model was exported without a constant-weights graph; "
-                             "re-export it or use strategy 'inputs'")
+        if strategy in ("constants", "native") and not self.manifest.graph_const:
+            raise ValueError(f"strategy {strategy!r} needs the constant-weights graph, which "
+                             "this model was exported without; re-export it or use 'inputs'")
+
+    def _compile(self, strategy: str) -> NativeGraph | None:
+        if strategy not in ("auto", "native") or not self.manifest.graph_const:
+            return None
+        try:
+            native = compile_native(self.model_dir, self.manifest, Path(self._work.name))
+        except NativeUnsupported as exc:
+            if strategy == "native":
+                raise
+            log.info("no native graph for %s (%s); using the plain ones",
+                     self.manifest.model, exc)
+            return None
+        finally:
+            memory.trim()  # the optimiser's heap goes back before the weights come in
+        return native
 
     def _choose(self, strategy: str) -> str:
         if strategy != "auto":
@@ -132,8 +186,9 @@ class ZoEngine:
     def _plan(self, strategy: str, budget_mb: float, cap: int | None) -> tuple[str, int]:
         """The fastest strategy and largest micro-batch whose measured peak fits the budget."""
         limit = min(cap or len(self.shard), len(self.shard), memory.MAX_MICRO_BATCH)
-        names = [strategy] if strategy != "auto" else (
-            ["constants", "inputs"] if self.manifest.graph_const else ["inputs"])
+        if strategy in ("native", "inputs", "constants"):
+            return strategy, self._fit(strategy, budget_mb, limit)
+        names = ["constants", "inputs"] if self.manifest.graph_const else ["inputs"]
         fits: dict[str, int] = {}
         refusal: memory.MemoryBudgetError | None = None
         for name in names:  # constants first, before the inputs session exists
@@ -159,14 +214,14 @@ class ZoEngine:
         def peak(size: int) -> float:
             def run() -> None:
                 for _ in range(3):  # later passes land on earlier ones' freed heap
-                    if strategy == "inputs":
-                        self._forward(x[:size], y[:size])
-                    else:
+                    if strategy == "constants":
                         self._const_session().run(None, {self.manifest.input_name: x[:size],
                                                          self.manifest.label_name: y[:size]})
+                    else:
+                        self._forward(x[:size], y[:size])
             return memory.measure_peak(run) + undo_mb
 
-        undo_mb = self.flat.size * 0.15 * 8 / 2**20  # the undo log's worst case seen
+        undo_mb = self.manifest.num_parameters * 0.15 * 8 / 2**20  # the undo log's worst seen
         what = f"{self.manifest.model} with weights as {strategy}"
         a, b = (1, len(self.shard)) if len(self.shard) < 16 else (4, 16)
         points = [(a, peak(a)), (b, peak(b))]
@@ -183,14 +238,22 @@ class ZoEngine:
 
     @property
     def session(self) -> ort.InferenceSession:
-        """The weights-as-inputs session, built on first use, bound once to our buffers."""
+        """The weights-as-inputs session (native or plain graph), built on first use and
+        bound once to the weight buffers: moving them in place needs no rebinding."""
         if self._session is None:
-            self._session = ort.InferenceSession(
-                str(self.model_dir / self.manifest.graph), session_options(self.threads),
-                providers=["CPUExecutionProvider"])
+            graph = self.native.path if self.native else self.model_dir / self.manifest.graph
+            options = session_options(self.threads)
+            if self.native:  # already optimised for this CPU: run it as it is
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self._session = ort.InferenceSession(str(graph), options,
+                                                 providers=["CPUExecutionProvider"])
             self._binding = self._session.io_binding()
-            for p, value in zip(self.manifest.parameters, self._values):
-                self._binding.bind_ortvalue_input(p.name, value)
+            names = self.native.inputs if self.native else [(p.name,)
+                                                            for p in self.manifest.parameters]
+            self._values = [ort.OrtValue.ortvalue_from_numpy(t) for t in self.weights.tensors]
+            for inputs, value in zip(names, self._values):
+                for name in inputs:
+                    self._binding.bind_ortvalue_input(name, value)
             for name in self.manifest.outputs:
                 self._binding.bind_output(name)
         return self._session
@@ -200,12 +263,13 @@ class ZoEngine:
         memory.trim()
 
     def _const_session(self) -> ort.InferenceSession:
-        options = session_options(self.threads)
+        options = session_options(self.threads, shared_arena=False)  # its weights go with it
         # add_external_initializers copies the weights into the session, read at build
-        # time. (add_initializer would lend our buffers without a copy, but on ORT 1.31 a
-        # fresh session over it does not see every in-place change: wrong losses.)
-        options.add_external_initializers([p.name for p in self.manifest.parameters],
-                                          self._values)
+        # time. (add_initializer lends buffers, but ONNX Runtime optimises the graph with
+        # the file's values first and only then swaps in the lent ones: stale weights.)
+        options.add_external_initializers(
+            [p.name for p in self.manifest.parameters],
+            [ort.OrtValue.ortvalue_from_numpy(t) for t in self.weights.tensors])
         return ort.InferenceSession(str(self.model_dir / self.manifest.graph_const), options,
                                     providers=["CPUExecutionProvider"])
 
@@ -220,8 +284,9 @@ class ZoEngine:
             loss, right = forward(x, y)
             total_loss += loss * len(y)
             correct += right
-        del forward
-        memory.trim()  # freed activations (and a pass's session) go back before the next pass
+        if self.strategy == "constants":
+            del forward
+            memory.trim()  # a pass's session goes back before the next pass
         return total_loss / len(shard), correct
 
     def _const_forward(self):
@@ -245,23 +310,13 @@ class ZoEngine:
 
     def perturb(self, seed: int, alpha: float) -> Undo:
         """``w <- w + alpha z(seed)`` in place, remembering what the way back would lose."""
-        undo: Undo = []
-        for index, tensor in enumerate(self.weights):
-            flat = tensor.reshape(-1)
-            for start, delta in scaled_chunks(flat.size, alpha, self.spec, seed, index):
-                part = flat[start:start + delta.size]
-                before = part.copy()
-                part += delta
-                lost = np.flatnonzero((part - delta).view(np.uint32) != before.view(np.uint32))
-                if lost.size:
-                    undo.append((index, (start + lost).astype(self._index_type), before[lost]))
+        undo = self.weights.perturb(seed, alpha, self.spec)
+        memory.trim()  # the chunks' temporaries go back before the forward pass needs room
         return undo
 
     def restore(self, seed: int, alpha: float, undo: Undo) -> None:
         """Exactly undo ``perturb(seed, alpha)``."""
-        axpy(self.weights, -alpha, self.spec, seed)
-        for index, where, values in undo:
-            self.weights[index].reshape(-1)[where] = values
+        self.weights.restore(seed, alpha, self.spec, undo)
 
     def round(self, seeds: Sequence[int], eps: float, local_steps: int = 1,
               local_lr: float = 0.0) -> RoundOutput:
@@ -283,9 +338,10 @@ class ZoEngine:
                 pair = []
                 for alpha in (eps, -eps):
                     undo = self.perturb(seed, alpha)
-                    largest = max(largest, sum(u[1].size for u in undo))
+                    largest = max(largest, undo.size)
                     pair.append(self.evaluate()[0])
                     self.restore(seed, alpha, undo)
+                    del undo
                 scalars.append(projected_gradient(pair[0], pair[1], eps))
                 losses += pair
             if step + 1 < local_steps:
@@ -298,17 +354,15 @@ class ZoEngine:
                            time.perf_counter() - started, largest)
 
     def apply(self, commits: Sequence[CommitMessage]) -> str:
+        """Apply commits in order (``w <- w - c z(seed)`` per pair); the new fingerprint."""
         for message in commits:
-            apply_commit(self.weights, message.commit, self.spec)
+            for seed, coefficient in message.commit.pairs:
+                self.weights.axpy(seed, -coefficient, self.spec)
         return self.fingerprint()
 
     def fingerprint(self) -> str:
-        return fingerprint(self.weights)
+        return self.weights.fingerprint()
 
     def load_weights(self, path: Path) -> None:
         """Replace the weights with a snapshot file (same layout as weights.bin), in place."""
-        data = np.fromfile(path, dtype="<f4")
-        if data.size != self.flat.size:
-            raise ValueError(f"snapshot {path} holds {data.size} values, the model has "
-                             f"{self.flat.size}")
-        self.flat[:] = data
+        self.weights.read(path)

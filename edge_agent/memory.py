@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ def _status_mb(key: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container's or systemd unit's
+    cpuset), not the whole machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def peak_rss_mb() -> float:

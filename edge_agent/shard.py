@@ -4,12 +4,19 @@ Format: ``x`` float32 of shape ``(N, *input_shape)`` already normalised as the m
 says; ``y`` integer labels of shape ``(N,)`` in ``[0, num_classes)``; optional ``meta``,
 a JSON string (client id, source data set, partition seed...). ``zowarmup partition``
 writes such files; any tool that writes numpy can.
+
+When ``x`` is stored uncompressed (``np.savez``, as ``save_shard`` writes it), the agent
+maps it from the file instead of reading it, and hands each micro-batch's pages back after
+use: a shard costs the agent a micro-batch of memory, not its size, so a board can hold
+more data than RAM. A compressed ``x`` (``np.savez_compressed``) is read into memory.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,27 +25,79 @@ import numpy as np
 from protocols.errors import ProtocolError
 from protocols.manifest import Manifest
 
+_CHECK_ROWS = 1024  # samples checked at a time, so a mapped shard is never all resident
+
 
 @dataclass(frozen=True)
 class Shard:
     x: np.ndarray
     y: np.ndarray
     meta: dict = field(default_factory=dict)
+    mapping: mmap.mmap | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def batches(self, size: int):
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, len(self), size):
             yield self.x[start:start + size], self.y[start:start + size]
+            self.release(start, start + size)
+
+    def release(self, start: int, stop: int) -> None:
+        """Give back the pages of samples ``[start, stop)`` of a mapped ``x`` (no-op else)."""
+        if self.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        row = self.x.strides[0]
+        base = self.x.ctypes.data - _address(self.mapping)
+        lo = (base + start * row) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(self.mapping), base + min(stop, len(self)) * row)
+        if hi > lo:
+            self.mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _address(mapping: mmap.mmap) -> int:
+    return np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+
+
+def _map_x(path: Path) -> tuple[np.ndarray, mmap.mmap] | None:
+    """``x`` of an ``.npz`` as an array over the file, when it is stored uncompressed."""
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo("x.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(f.read(4), dtype="<u2")
+            start = info.header_offset + 30 + int(name_len) + int(extra_len)
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                return None
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+            if fortran or dtype != np.dtype("<f4") or offset - start > info.file_size:
+                return None
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    x = np.frombuffer(mapping, dtype=np.float32, count=int(np.prod(shape)),
+                      offset=offset).reshape(shape)
+    return x, mapping
 
 
 def load_shard(path: Path, manifest: Manifest) -> Shard:
     """Read and check a shard; every refusal says what is wrong and what the model expects."""
     path = Path(path)
+    mapped = None
     try:
+        mapped = _map_x(path)
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files if not (k == "x" and mapped)}
+        if mapped:
+            arrays["x"] = mapped[0]
     except FileNotFoundError:
         raise ProtocolError(f"shard {path} does not exist", "missing_file") from None
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
@@ -48,8 +107,8 @@ def load_shard(path: Path, manifest: Manifest) -> Shard:
         if key not in arrays:
             raise ProtocolError(f"shard {path} has no {key!r} array (it has "
                                 f"{sorted(arrays) or 'none'})", "bad_shard")
-    return check_shard(Shard(arrays["x"], arrays["y"], _meta(arrays.get("meta"), path)),
-                       manifest, str(path))
+    return check_shard(Shard(arrays["x"], arrays["y"], _meta(arrays.get("meta"), path),
+                             mapped[1] if mapped else None), manifest, str(path))
 
 
 def check_shard(shard: Shard, manifest: Manifest, where: str = "shard") -> Shard:
@@ -70,9 +129,11 @@ def check_shard(shard: Shard, manifest: Manifest, where: str = "shard") -> Shard
     if y.min() < 0 or y.max() >= manifest.num_classes:
         raise ProtocolError(f"{where}: labels span [{y.min()}, {y.max()}], the model has "
                             f"{manifest.num_classes} classes", "bad_shard")
-    if not np.isfinite(x).all():
-        raise ProtocolError(f"{where}: x holds NaN or infinite values", "bad_shard")
-    return Shard(np.ascontiguousarray(x), y.astype(np.int64), shard.meta)
+    for start in range(0, len(y), _CHECK_ROWS):
+        if not np.isfinite(x[start:start + _CHECK_ROWS]).all():
+            raise ProtocolError(f"{where}: x holds NaN or infinite values", "bad_shard")
+        shard.release(start, start + _CHECK_ROWS)
+    return Shard(np.ascontiguousarray(x), y.astype(np.int64), shard.meta, shard.mapping)
 
 
 def _meta(raw: np.ndarray | None, path: Path) -> dict:

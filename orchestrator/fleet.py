@@ -7,11 +7,13 @@ its model in its own state directory under the run directory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ class LocalFleet:
     run_id: str
     shards: dict[str, Path]  # agent id -> shard
     root: Path  # agents/<id>/ holds state and log
+    model_dir: Path  # the model the agents will fetch: it decides their forward strategy
     threads: int = 1
     micro_batch: int = 64
     extra_args: tuple[str, ...] = ()
@@ -42,7 +45,8 @@ class LocalFleet:
         cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--broker", self.broker_url,
                "--data", str(shard), "--id", agent_id, "--run", self.run_id,
                "--state-dir", str(home / "state"), "--threads", str(self.threads),
-               "--micro-batch", str(self.micro_batch), "--strategy", strategy_for(shard),
+               "--micro-batch", str(self.micro_batch), "--strategy",
+               strategy_for(self.model_dir, shard_samples(shard)),
                *self.extra_args]
         env = {**os.environ, **self.env,
                "PYTHONPATH": _package_root(os.environ.get("PYTHONPATH"))}
@@ -67,20 +71,39 @@ class LocalFleet:
                 p.wait()
 
 
-def strategy_for(shard: Path) -> str:
-    """A fixed forward strategy per shard, so that a rerun computes the same bits.
+def strategy_for(model_dir: Path, samples: int) -> str:
+    """The forward strategy of local and simulated agents: one rule, so that a simulated
+    run computes the bits of the run over MQTT.
 
-    ``auto`` times both strategies and may pick differently from run to run; the two give
-    losses that differ in the last bits. Constants pay a session build per pass, worth it
-    from a few hundred samples on.
+    ``native`` wherever this model compiles for this CPU (constant-weight speed and no
+    per-pass cost, at any shard size). Otherwise a fixed rule by shard size rather than
+    ``auto``'s timing, which may pick differently from run to run, and the two strategies
+    give losses that differ in the last bits: constants pay a session build per pass,
+    worth it from a few hundred samples on.
     """
+    if native_supported(Path(model_dir)):
+        return "native"
+    return "constants" if samples >= 512 else "inputs"
+
+
+@functools.cache
+def native_supported(model_dir: Path) -> bool:
+    from edge_agent.native import NativeUnsupported, compile_native
+    from protocols.manifest import load_manifest
+    manifest = load_manifest(model_dir)
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            compile_native(model_dir, manifest, Path(work))
+        except NativeUnsupported as exc:
+            log.info("agents run %s without the native graph: %s", manifest.model, exc)
+            return False
+    return True
+
+
+def shard_samples(shard: Path) -> int:
     import numpy as np
     with np.load(shard, allow_pickle=False) as data:
-        return strategy_for_samples(int(data["y"].shape[0]))
-
-
-def strategy_for_samples(samples: int) -> str:
-    return "constants" if samples >= 512 else "inputs"
+        return int(data["y"].shape[0])
 
 
 def _package_root(existing: str | None) -> str:

@@ -29,7 +29,7 @@ from protocols.manifest import MANIFEST, load_manifest, read_weights
 from protocols.messages import Capabilities, CommitMessage, Hello, Result, RoundStart
 from protocols.zo import apply_commit, fingerprint
 
-from .fleet import strategy_for_samples
+from .fleet import strategy_for
 
 
 def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
@@ -38,8 +38,9 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
     manifest = load_manifest(Path(model_dir))
     loaded = {a: load_shard(Path(p), manifest) for a, p in shards.items()}
     first = next(iter(loaded.values()))
+    native = strategy_for(Path(model_dir), len(first)) == "native"
     engine = ZoEngine(Path(model_dir), first, spec, micro_batch=micro_batch, threads=1,
-                      manifest=manifest, strategy="inputs")
+                      manifest=manifest, strategy="native" if native else "inputs")
     while True:
         kind, payload = conn.recv()
         if kind == "stop":
@@ -53,8 +54,7 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
         for agent in sorted(set(start.assignments) & set(loaded)):
             shard = loaded[agent]
             engine.shard = shard
-            engine.strategy = (strategy_for_samples(len(shard)) if manifest.graph_const
-                               else "inputs")  # as the local agents are started
+            engine.strategy = strategy_for(Path(model_dir), len(shard))  # as local agents
             out = engine.round(start.assignments[agent], start.eps, start.local_steps,
                                start.local_lr)
             results.append(encode(Result(agent, start.round, start.assignments[agent],

@@ -105,8 +105,8 @@ def _fleet(config: Config, plan: Plan, rd: RunDir, url: str, count: int) -> Loca
         extra += ["--tls-ca", f.tls_ca]
     env = {"ZOWARMUP_PASSWORD": f.password} if f.password else {}
     shards = {a: rd.path / "shards" / f"{a}.npz" for a in plan.agent_ids[:count]}
-    return LocalFleet(url, config.run.name, shards, rd.path / "agents", config.zo.agent_threads,
-                      config.zo.micro_batch, tuple(extra), env=env)
+    return LocalFleet(url, config.run.name, shards, rd.path / "agents", rd.path / "model",
+                      config.zo.agent_threads, config.zo.micro_batch, tuple(extra), env=env)
 
 
 def choose(config: Config, pool: list[str], version: int) -> list[str]:

@@ -103,12 +103,19 @@ def fingerprint(weights: Sequence[np.ndarray]) -> str:
     It covers each tensor's shape and little-endian float32 bytes in order, so two sides
     agree on it exactly when they hold the same bits in the same layout.
     """
+    return fingerprint_chunks([(t.shape, [t]) for t in weights])
+
+
+def fingerprint_chunks(tensors: Sequence[tuple[tuple[int, ...], Iterable[np.ndarray]]]) -> str:
+    """:func:`fingerprint` of tensors given as (shape, their row-major values in pieces):
+    for a holder that keeps weights in another layout and converts a piece at a time."""
     h = hashlib.blake2b(digest_size=16, person=b"zowarmup-w1")
-    h.update(struct.pack("<Q", len(weights)))
-    for tensor in weights:
-        h.update(struct.pack("<Q", tensor.ndim))
-        h.update(struct.pack(f"<{tensor.ndim}Q", *tensor.shape))
-        h.update(np.ascontiguousarray(tensor, dtype="<f4").data)
+    h.update(struct.pack("<Q", len(tensors)))
+    for shape, pieces in tensors:
+        h.update(struct.pack("<Q", len(shape)))
+        h.update(struct.pack(f"<{len(shape)}Q", *shape))
+        for piece in pieces:
+            h.update(np.ascontiguousarray(piece, dtype="<f4").data)
     return h.hexdigest()
 
 
