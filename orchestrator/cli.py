@@ -336,6 +336,47 @@ def broker(host: str, port: int) -> None:
         embedded.stop()
 
 
+@main.command("broker-config")
+@click.option("--agents", type=click.IntRange(1, 1_000_000), required=True,
+              help="How many agents: ids client-000, client-001, ... as `zowarmup run` names "
+                   "its clients (or give --ids).")
+@click.option("--ids", callback=_names, metavar="A,B,...",
+              help="The agent ids instead of client-NNN (as many as --agents).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A new directory for the files.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8883, show_default=True)
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--host", "hosts", multiple=True, metavar="NAME",
+              help="A name or IP address agents reach the broker by; repeat for more "
+                   "(default: localhost, 127.0.0.1 and this machine's host name).")
+@click.option("--days", type=click.IntRange(1, 36500), default=825, show_default=True,
+              help="How long the certificates are valid.")
+def broker_config(agents: int, ids: tuple[str, ...], out: Path, port: int, bind: str,
+                  hosts: tuple[str, ...], days: int) -> None:
+    """Write a Mosquitto setup for a secure fleet: TLS, one password per agent, an ACL.
+
+    Each agent's user name is its id, and the ACL lets it publish only its own topics;
+    only the orchestrator may publish rounds, commits and the model. Run the broker with
+    `mosquitto -c OUT/mosquitto.conf`, copy OUT/agents/ID/ to each device, and point the
+    run at it with `--broker mqtts://HOST:PORT --set fleet.credentials=OUT`.
+    """
+    from .broker_config import write_broker_config
+    names = list(ids) or [f"client-{i:03d}" for i in range(agents)]
+    if len(names) != agents:
+        raise click.BadParameter(f"{len(names)} ids for --agents {agents}", param_hint="--ids")
+    try:
+        write_broker_config(out, names, port, bind, hosts, days)
+    except (ZoError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote a Mosquitto setup for {agents} agent(s) and the orchestrator to {out}")
+    click.echo(f"  broker: mosquitto -c {out / 'mosquitto.conf'}   (TLS on port {port})")
+    click.echo(f"  device ID: zowarmup-agent run --broker mqtts://HOST:{port} --id ID "
+               f"--username ID --password \"$(cat ID/password)\" --tls-ca ID/ca.crt "
+               "--tls-cert ID/client.crt --tls-key ID/client.key ...  (ID = "
+               f"{out / 'agents' / names[0]}, ...)")
+    click.echo(f"  orchestrator: --broker mqtts://HOST:{port} --set fleet.credentials={out}")
+
+
 @main.command()
 @click.argument("config_file", metavar="CONFIG",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))

@@ -145,6 +145,9 @@ class FleetSection:
     username: str = ""
     password: str = ""
     tls_ca: str = ""
+    tls_cert: str = ""  # the orchestrator's client certificate, for brokers that ask for one
+    tls_key: str = ""
+    credentials: str = ""  # a `zowarmup broker-config` directory: every identity, from there
     join_timeout_s: float = 120.0
 
 
@@ -335,6 +338,9 @@ RULES: dict[str, dict[str, _Rule]] = {
         "username": _text(),
         "password": _text(),
         "tls_ca": _text("the path of a CA certificate file, or \"\""),
+        "tls_cert": _text("the path of a client certificate file, or \"\""),
+        "tls_key": _text("the path of the client certificate's key file, or \"\""),
+        "credentials": _text("the directory `zowarmup broker-config` wrote, or \"\""),
         "join_timeout_s": _floats(0.0),
     },
 }
@@ -394,7 +400,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         config,
         run=replace(config.run, out=_absolute(config.run.out)),
         data=replace(config.data, path=_absolute(config.data.path)),
-        fleet=replace(config.fleet, tls_ca=_absolute(config.fleet.tls_ca)),
+        fleet=replace(config.fleet, **{k: _absolute(getattr(config.fleet, k))
+                                       for k in ("tls_ca", "tls_cert", "tls_key",
+                                                 "credentials")}),
     )
 
 
@@ -620,7 +628,7 @@ def _check_fleet(fleet: FleetSection, where: str) -> None:
             raise ConfigError(f"{where}: fleet.broker = {_toml_string(fleet.broker)}: {problem}; "
                               f"allowed: {_BROKER_FORMS}", "fleet.broker")
     else:
-        for name in ("username", "password", "tls_ca"):
+        for name in ("username", "password", "tls_ca", "tls_cert", "tls_key", "credentials"):
             if getattr(fleet, name):
                 raise ConfigError(f"{where}: fleet.{name} is set but fleet.broker is empty: "
                                   "the embedded broker is anonymous and plain; set "
@@ -629,12 +637,37 @@ def _check_fleet(fleet: FleetSection, where: str) -> None:
     if fleet.password and not fleet.username:
         raise ConfigError(f"{where}: fleet.password is set without fleet.username; MQTT "
                           "sends a password only with a user name", "fleet.password")
-    if fleet.tls_ca:
+    for name in ("tls_ca", "tls_cert", "tls_key", "credentials"):
+        value = getattr(fleet, name)
+        if not value:
+            continue
         if not fleet.broker.startswith("mqtts://"):
-            raise ConfigError(f"{where}: fleet.tls_ca is set but fleet.broker = "
+            raise ConfigError(f"{where}: fleet.{name} is set but fleet.broker = "
                               f"{_toml_string(fleet.broker)} is not TLS; use mqtts://HOST:PORT",
-                              "fleet.tls_ca")
-        if not Path(fleet.tls_ca).expanduser().is_file():
-            raise ConfigError(f"{where}: fleet.tls_ca = {_toml_string(fleet.tls_ca)} is not a file "
+                              f"fleet.{name}")
+        exists = Path(value).expanduser().is_dir() if name == "credentials" else \
+            Path(value).expanduser().is_file()
+        if not exists:
+            kind = "a directory" if name == "credentials" else "a file"
+            raise ConfigError(f"{where}: fleet.{name} = {_toml_string(value)} is not {kind} "
                               "(relative paths are taken from the current directory)",
-                              "fleet.tls_ca")
+                              f"fleet.{name}")
+    _check_fleet_identity(fleet, where)
+
+
+def _check_fleet_identity(fleet: FleetSection, where: str) -> None:
+    """A client certificate comes with its key; credentials replace the single identity."""
+    if bool(fleet.tls_cert) != bool(fleet.tls_key):
+        raise ConfigError(f"{where}: fleet.tls_cert and fleet.tls_key go together (a client "
+                          "certificate and its key); set both or neither", "fleet.tls_cert")
+    if fleet.credentials:
+        clash = [n for n in ("username", "password", "tls_ca", "tls_cert", "tls_key")
+                 if getattr(fleet, n)]
+        if clash:
+            raise ConfigError(f"{where}: fleet.credentials gives every identity (the "
+                              f"orchestrator's and each agent's); leave out fleet.{clash[0]}",
+                              f"fleet.{clash[0]}")
+        if not (Path(fleet.credentials).expanduser() / "credentials.json").is_file():
+            raise ConfigError(f"{where}: fleet.credentials = {_toml_string(fleet.credentials)} "
+                              "holds no credentials.json; give the directory that `zowarmup "
+                              "broker-config` wrote", "fleet.credentials")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class LocalFleet:
     micro_batch: int = 64
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # e.g. ZOWARMUP_PASSWORD, kept off argv
+    # agent id -> (flags, environment) of its own broker identity, when each has one
+    identity: Callable[[str], tuple[list[str], dict[str, str]]] | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self) -> None:
@@ -48,7 +51,9 @@ class LocalFleet:
                "--micro-batch", str(self.micro_batch), "--strategy",
                strategy_for(self.model_dir, shard_samples(shard)),
                *self.extra_args]
-        env = {**os.environ, **self.env,
+        own_args, own_env = self.identity(agent_id) if self.identity else ([], {})
+        cmd += own_args
+        env = {**os.environ, **self.env, **own_env,
                "PYTHONPATH": _package_root(os.environ.get("PYTHONPATH"))}
         with open(home / "agent.log", "ab") as out:
             self.procs[agent_id] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

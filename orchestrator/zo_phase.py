@@ -18,6 +18,7 @@ import numpy as np
 from edge_agent.mqtt import MqttTransport, Tls
 
 from .broker import EmbeddedBroker
+from .broker_config import agent_identity, orchestrator_identity
 from .config import Config
 from .evaluate import Evaluator
 from .fleet import LocalFleet
@@ -87,26 +88,19 @@ def _simulated(config: Config, plan: Plan, rd: RunDir, progress: Progress, start
 
 
 def _transport(config: Config, url: str) -> MqttTransport:
-    f = config.fleet
-    tls = Tls(f.tls_ca) if f.tls_ca else None
+    username, password, tls = orchestrator_identity(config.fleet)
     transport = MqttTransport(url, client_id=f"zowarmup-{config.run.name}-orchestrator",
-                              username=f.username or None, password=f.password or None,
-                              tls=tls)
+                              username=username, password=password,
+                              tls=Tls(*tls) if tls else None)
     transport.connect(30)
     return transport
 
 
 def _fleet(config: Config, plan: Plan, rd: RunDir, url: str, count: int) -> LocalFleet:
-    f = config.fleet
-    extra: list[str] = []
-    if f.username:
-        extra += ["--username", f.username]
-    if f.tls_ca:
-        extra += ["--tls-ca", f.tls_ca]
-    env = {"ZOWARMUP_PASSWORD": f.password} if f.password else {}
     shards = {a: rd.path / "shards" / f"{a}.npz" for a in plan.agent_ids[:count]}
     return LocalFleet(url, config.run.name, shards, rd.path / "agents", rd.path / "model",
-                      config.zo.agent_threads, config.zo.micro_batch, tuple(extra), env=env)
+                      config.zo.agent_threads, config.zo.micro_batch,
+                      identity=lambda agent: agent_identity(config.fleet, agent))
 
 
 def choose(config: Config, pool: list[str], version: int) -> list[str]:
