@@ -145,10 +145,10 @@ class FleetSection:
     username: str = ""
     password: str = ""
     tls_ca: str = ""
+    join_timeout_s: float = 120.0
     tls_cert: str = ""  # the orchestrator's client certificate, for brokers that ask for one
     tls_key: str = ""
     credentials: str = ""  # a `zowarmup broker-config` directory: every identity, from there
-    join_timeout_s: float = 120.0
 
 
 SECTIONS: dict[str, type] = {

@@ -193,3 +193,22 @@ def test_an_agent_process_joins_with_its_own_credentials(secure, tmp_path):
         err = proc.communicate(timeout=10)[1].decode(errors="replace")
     assert hellos and decode(hellos[0]).agent_id == "client-002", err[-2000:]
     orch.close()
+
+
+@pytest.mark.parametrize("fleet, words", [
+    ({"broker": "mqtt://h:1883", "credentials": "{out}"}, "is not TLS"),
+    ({"broker": "mqtts://h:8883", "credentials": "{tmp}"}, "holds no credentials.json"),
+    ({"broker": "mqtts://h:8883", "credentials": "{out}", "username": "x"},
+     "leave out fleet.username"),
+    ({"broker": "mqtts://h:8883", "tls_cert": "{out}/ca.crt"}, "go together"),
+    ({"credentials": "{out}"}, "fleet.broker is empty"),
+])
+def test_config_refuses_mismatched_fleet_identity(fleet_dir, tmp_path, fleet, words):
+    from orchestrator.config import ConfigError, parse_config
+    out = str(fleet_dir[0])
+    section = {k: v.format(out=out, tmp=tmp_path) for k, v in fleet.items()}
+    with pytest.raises(ConfigError, match=words):
+        parse_config({"fleet": section})
+    good = parse_config({"fleet": {"broker": "mqtts://h:8883", "credentials": out}})
+    from orchestrator.broker_config import orchestrator_identity
+    assert orchestrator_identity(good.fleet)[0] == "orchestrator"
