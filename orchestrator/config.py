@@ -126,6 +126,10 @@ class ZoSection:
     micro_batch: int = 64
     agent_threads: int = 1
     snapshot_every: int = 100
+    clip_factor: float = 10.0  # scalar bound = factor x running median |g|; 0 = none
+    clip_bound: float = 0.0  # > 0: a fixed bound on every scalar instead
+    clip_window: int = 20  # rounds in that running median
+    trim: float = 0.0  # trimmed mean: share of each round's scalars dropped at each end
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,11 @@ RULES: dict[str, dict[str, _Rule]] = {
         "micro_batch": _ints(1),
         "agent_threads": _ints(1),
         "snapshot_every": _ints(1),
+        "clip_factor": _floats(0.0, 1e6, lo_open=False, extra=" (0 = no derived bound)"),
+        "clip_bound": _floats(0.0, 1e12, lo_open=False,
+                              extra=" (0 = derived: clip_factor x running median |g|)"),
+        "clip_window": _ints(1, 10_000),
+        "trim": _floats(0.0, 0.5, lo_open=False, hi_open=True),
     },
     "eval": {
         "every": _ints(1),

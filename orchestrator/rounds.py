@@ -52,7 +52,8 @@ class RoundServer:
                                f"{fp}, the journal says {history[-1].fingerprint}")
         self.coordinator = Coordinator(run_id, run_seed, self.spec, len(history), fp, policy,
                                        history=history[-keep_commits:],
-                                       keep_commits=keep_commits)
+                                       keep_commits=keep_commits,
+                                       scales=journal.scales if journal is not None else None)
         self.downlink_bytes = 0
         self._previous = history[-2].fingerprint if len(history) > 1 else ""
         # A snapshot at least every keep/2 rounds: an agent too far behind for the kept
@@ -165,7 +166,7 @@ class RoundServer:
         apply_commit(self.weights, commit, self.spec)
         fp = fingerprint(self.weights)
         if self.journal is not None:
-            self.journal.append_commit(CommitMessage(commit, fp))
+            self.journal.append_commit(CommitMessage(commit, fp), c.closing_scale)
         self._send([c.committed(commit, fp)])
         log.info("round %d committed: %d pair(s), fingerprint %s", commit.round,
                  len(commit.pairs), fp[:12])

@@ -33,6 +33,7 @@ from protocols.coordinator import RoundPolicy
 from protocols.directions import DirectionSpec
 from protocols.errors import ZoError
 from protocols.journal import Journal, read_journal
+from protocols.robust import Robustness
 from protocols.zo import weights_sha256
 
 from .config import Config
@@ -192,5 +193,6 @@ def open_journal(path: Path, run_id: str) -> Journal:
 def round_policy(config: Config) -> tuple[RoundPolicy, DirectionSpec]:
     z = config.zo
     return (RoundPolicy(eps=z.eps, lr=z.lr, directions=z.directions, local_steps=z.local_steps,
-                        local_lr=z.local_lr, quorum=z.quorum, deadline_s=z.deadline_s),
+                        local_lr=z.local_lr, quorum=z.quorum, deadline_s=z.deadline_s,
+                        robust=Robustness(z.clip_factor, z.clip_bound, z.clip_window, z.trim)),
             DirectionSpec(z.distribution, z.scale))

@@ -79,7 +79,8 @@ class Simulation:
             apply_commit(self.weights, message.commit, spec)
         self.coordinator = Coordinator(run_id, seed, spec, len(history),
                                        fingerprint(self.weights), coordinator_policy,
-                                       history=history)
+                                       history=history,
+                                       scales=journal.scales if journal is not None else None)
         self.result_bytes = self.downlink_bytes = 0
         ids = sorted(shards)
         count = max(1, min(workers or mp.cpu_count() or 1, len(ids)))
@@ -122,7 +123,7 @@ class Simulation:
         fp = fingerprint(self.weights)
         message = CommitMessage(commit, fp)
         if self.journal is not None:
-            self.journal.append_commit(message)
+            self.journal.append_commit(message, c.closing_scale)
         sent = c.committed(commit, fp)
         self.downlink_bytes += len(sent.payload)
         self._broadcast_commit(message)

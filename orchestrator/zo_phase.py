@@ -166,6 +166,7 @@ def _record(config: Config, plan: Plan, rd: RunDir, server, evaluator: Evaluator
                     "uplink_bytes": server.result_bytes - up,
                     "downlink_bytes": (server.downlink_bytes - down) * len(participants),
                     "refused": sum(server.coordinator.refused.values()),
-                    "late": server.coordinator.late, "wall_s": time.time() - started})
+                    "late": server.coordinator.late, "clipped": server.coordinator.clipped,
+                    "trimmed": server.coordinator.trimmed, "wall_s": time.time() - started})
     progress.update("zo", global_round, acc)
 

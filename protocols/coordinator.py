@@ -11,13 +11,15 @@ A round::
     closing --committed(commit, fingerprint)--> idle, version + 1
 
 Every refused message is counted by its reason in ``refused`` and changes nothing.
+Closing a round clips every scalar to a bound derived from the run's own scales, and
+may trim the extremes (``protocols/robust.py``); ``clipped`` and ``trimmed`` count them.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import topics
@@ -37,6 +39,7 @@ from .messages import (
     SyncReply,
     SyncRequest,
 )
+from .robust import MAX_SCALAR, Robustness, round_scale, scalar_bound, trimmed_keep
 from .topics import Send
 from .zo import ClientResult, Commit, aggregate, derive_seed
 
@@ -54,6 +57,7 @@ class RoundPolicy:
     local_lr: float = 0.0  # learning rate of local steps (FedKSeed style); 0 = lr
     quorum: float = 1.0  # fraction of the round's participants whose results close it early
     deadline_s: float = 60.0
+    robust: Robustness = field(default_factory=Robustness)
 
     def __post_init__(self) -> None:
         for name in ("eps", "lr", "deadline_s"):
@@ -87,7 +91,7 @@ class _OpenRound:
 class Coordinator:
     def __init__(self, run_id: str, run_seed: int, spec: DirectionSpec, version: int,
                  fingerprint: str, policy: RoundPolicy, history: Iterable[CommitMessage] = (),
-                 keep_commits: int = 200) -> None:
+                 keep_commits: int = 200, scales: Mapping[int, float] | None = None) -> None:
         self.run_id = run_id
         self.run_seed = run_seed
         self.spec = spec
@@ -98,6 +102,16 @@ class Coordinator:
         self.refused: Counter[str] = Counter()
         self.refusals: deque[str] = deque(maxlen=100)  # the latest reasons, for logs
         self.late = 0
+        self.clipped = 0  # scalars clipped to the bound, over the run so far
+        self.trimmed = 0  # scalars left out by the trimmed mean
+        # Each earlier round's median |g|, from the journal on resume: the clipping bound's
+        # reference must be the same whether or not the run stopped in between.
+        window = policy.robust.clip_window
+        self._scales: deque[float] = deque(
+            (scales[r] for r in range(max(0, version - window), version)
+             if scales and r in scales), maxlen=window)
+        self.closing_scale: float | None = None  # the closing round's, for the journal
+        self.model_sha256 = ""  # the announced model; "" until announce() (then unchecked)
         self._history: deque[CommitMessage] = deque(history, maxlen=min(keep_commits,
                                                                         MAX_COMMITS_PER_SYNC))
         self._round: _OpenRound | None = None
@@ -109,6 +123,7 @@ class Coordinator:
         return topics.agent_filters(self.run_id)
 
     def announce(self, announce: ModelAnnounce) -> Send:
+        self.model_sha256 = announce.model_sha256
         return Send(topics.model(self.run_id), encode(announce), retain=True)
 
     @property
@@ -147,10 +162,17 @@ class Coordinator:
         if r is None:
             raise RuntimeError("no round is open")
         ordered = [r.results[a] for a in r.participants if a in r.results]
+        scalars = [g for x in ordered for g in x.scalars]
+        scale = round_scale(scalars)
+        bound = scalar_bound(self.policy.robust, self._scales, scale)
+        keep = trimmed_keep(scalars, self.policy.robust.trim)
         commit = aggregate(r.start.round, [
             ClientResult(x.seeds, x.scalars, x.samples, r.start.local_steps) for x in ordered
-        ], self.policy.lr)
-        self._round, self._closing = None, commit
+        ], self.policy.lr, bound, keep)
+        kept = range(len(scalars)) if keep is None else sorted(keep)
+        self.clipped += sum(abs(scalars[i]) > bound for i in kept)
+        self.trimmed += len(scalars) - len(kept)
+        self._round, self._closing, self.closing_scale = None, commit, scale
         return commit
 
     def committed(self, commit: Commit, fingerprint: str) -> Send:
@@ -159,6 +181,8 @@ class Coordinator:
             raise RuntimeError("committed() must get the commit that close_round() returned")
         message = CommitMessage(commit, fingerprint)
         self._history.append(message)
+        if self.closing_scale is not None:
+            self._scales.append(self.closing_scale)
         self._closing = None
         self.version, self.fingerprint = commit.round + 1, fingerprint
         return Send(topics.commit(self.run_id), encode(message), retain=True)
@@ -201,6 +225,10 @@ class Coordinator:
         return [Send(topics.agent(self.run_id, agent_id, "inbox"), encode(error))]
 
     def _on_hello(self, hello: Hello, now: float) -> list[Send]:
+        if hello.version >= 0 and self.model_sha256 and hello.model_sha256 != self.model_sha256:
+            return self._refuse(hello.agent_id, "wrong_model", f"{hello.agent_id} holds model "
+                                f"{hello.model_sha256[:16]}, this run's is "
+                                f"{self.model_sha256[:16]}; load the announced model")
         record = self.agents.setdefault(hello.agent_id, AgentRecord(hello.capabilities))
         record.capabilities, record.version, record.fingerprint = (hello.capabilities,
                                                                    hello.version, hello.fingerprint)
@@ -242,7 +270,6 @@ class Coordinator:
         if agent not in self.agents:
             return self._refuse(agent, "unknown_agent", "result from an agent that never said "
                                 "hello", result.round)
-        self.agents[agent].last_seen = now
         r = self._round
         if r is None or result.round != r.start.round:
             current = r.start.round if r else self.version
@@ -261,12 +288,15 @@ class Coordinator:
         if result.seeds != r.start.assignments[agent]:
             return self._refuse(agent, "bad_seed", "result seeds differ from the assigned ones",
                                 result.round)
+        if any(abs(g) > MAX_SCALAR for g in result.scalars):
+            return self._refuse(agent, "absurd_scalar", f"{agent} sent a scalar beyond "
+                                f"{MAX_SCALAR:g} in absolute value", result.round)
         if result.fingerprint != r.start.fingerprint:
             return self._refuse(agent, "fingerprint_mismatch", f"{agent} computed on weights "
                                 f"{result.fingerprint}, the round is on {r.start.fingerprint}",
                                 result.round)
         r.results[agent] = result
         record = self.agents[agent]
-        record.results += 1
+        record.results, record.last_seen = record.results + 1, now
         record.version, record.fingerprint = result.round, result.fingerprint
         return []

@@ -7,7 +7,9 @@ round. Format (``docs/protocol.md``, "Journal")::
     then records: uint32 LE length | uint32 LE CRC-32 of the payload | payload (UTF-8 JSON)
 
 The first record is the header (``{"type": "header", ...}``); commit records hold a
-``CommitMessage``'s wire fields plus ``"type": "commit"``. A record counts once
+``CommitMessage``'s wire fields plus ``"type": "commit"`` and, when the round had results,
+``"scale"``: its median ``|g|``, from which later rounds' clipping bounds follow
+(``robust.py``), so a resumed run clips as the uninterrupted one did. A record counts once
 ``append`` returns: it is written, flushed and fsync'ed. A crash mid-write leaves a torn
 last record, which reading detects (short frame or bad CRC at the end of the file) and
 drops; damage anywhere else is an error, because silently skipping a commit would change
@@ -43,11 +45,23 @@ class JournalContents:
         out = []
         for record in self.records:
             if record.get("type") == "commit":
-                body = {k: v for k, v in record.items() if k != "type"}
+                body = {k: v for k, v in record.items() if k not in ("type", "scale")}
                 try:
                     out.append(CommitMessage.from_wire(body))
                 except ProtocolError as exc:
                     raise JournalError(f"journal commit record is invalid: {exc}") from exc
+        return out
+
+    @property
+    def scales(self) -> dict[int, float]:
+        """Round -> the median |g| journaled with its commit (rounds that had one)."""
+        out = {}
+        for record in self.records:
+            scale = record.get("scale") if record.get("type") == "commit" else None
+            if scale is not None:
+                if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+                    raise JournalError(f"journal commit record has an invalid scale {scale!r}")
+                out[record["round"]] = float(scale)
         return out
 
 
@@ -102,8 +116,10 @@ class Journal:
         self.path = Path(path)
         self.header = contents.header
         self.commits = contents.commits
+        self.scales = contents.scales
         self.records = [r for r in contents.records if r.get("type") != "commit"]
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - held open for appends
+        # unbuffered: a failed write leaves nothing behind in a buffer to go out later
+        self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - held for appends
         self._file.truncate(contents.valid_bytes)
         self._file.seek(contents.valid_bytes)
         self.dropped_bytes = contents.torn_bytes
@@ -134,19 +150,42 @@ class Journal:
         """State version after the last commit (the base version with none)."""
         return self.commits[-1].commit.round + 1 if self.commits else self.header["base_version"]
 
-    def append_commit(self, message: CommitMessage) -> None:
+    def append_commit(self, message: CommitMessage, scale: float | None = None) -> None:
         if message.commit.round != self.version:
             raise JournalError(f"commit for round {message.commit.round} cannot follow version "
                                f"{self.version}")
-        self.append({"type": "commit", **message.to_wire()})
+        extra = {} if scale is None else {"scale": scale}
+        self.append({"type": "commit", **message.to_wire(), **extra})
         self.commits.append(message)
+        if scale is not None:
+            self.scales[message.commit.round] = scale
 
     def append(self, record: dict) -> None:
-        self._file.write(_frame(record))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Write one record durably, or raise ``JournalError`` with the file as it was.
+
+        A failed write (a full disk, an I/O error) may have put part of the record on
+        disk; it is cut off again, so the next append does not land behind a torn
+        record, which reading would take for damage.
+        """
+        start = self._file.tell()
+        try:
+            data = memoryview(_frame(record))
+            while data:
+                data = data[self._file.write(data):]
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._truncate(start)
+            raise JournalError(f"cannot write to the journal {self.path}: {exc.strerror or exc}"
+                               "; nothing was recorded (free space, then resume)") from exc
         if record.get("type") != "commit":
             self.records.append(record)
+
+    def _truncate(self, size: int) -> None:
+        try:
+            self._file.seek(size)
+            self._file.truncate(size)
+        except OSError:  # the file is as torn as the failed write left it: reading drops it
+            pass
 
     def close(self) -> None:
         self._file.close()

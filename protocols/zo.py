@@ -54,7 +54,8 @@ class ClientResult:
     steps: int = 1  # local steps the scalars span (FedKSeed style); s = len(scalars) / steps
 
 
-def aggregate(round_id: int, results: Iterable[ClientResult], lr: float) -> Commit:
+def aggregate(round_id: int, results: Iterable[ClientResult], lr: float,
+              bound: float = math.inf, keep: set[int] | None = None) -> Commit:
     """FedAvg of SPSA steps: ``c = lr * (n_i / sum n) * g_ij / s`` for each direction.
 
     The ``s`` directions of one step are averaged (MeZO's n), and clients are weighted by
@@ -62,18 +63,36 @@ def aggregate(round_id: int, results: Iterable[ClientResult], lr: float) -> Comm
     steps, each step's directions add up, so the commit moves every agent to the
     sample-weighted average of the clients' local trajectories. Pairs follow the order of
     ``results``: the caller fixes it, since float addition order decides the bits.
+
+    Robust aggregation (``protocols/robust.py``): every ``g`` is clipped to
+    ``[-bound, bound]``; with ``keep`` (indices into the round's scalars in this order),
+    only those pairs are committed, their weights scaled up to the full total so that a
+    trimmed mean moves as far as a plain one.
     """
     results = [r for r in results if r.samples > 0 and r.scalars]
     total = sum(r.samples for r in results)
-    pairs: list[tuple[int, float]] = []
+    weighted = []
     for result in results:
         share = lr * (result.samples / total) / (len(result.scalars) // result.steps)
-        pairs.extend((seed, share * g) for seed, g in zip(result.seeds, result.scalars))
-    return Commit(round_id, tuple(pairs))
+        weighted.extend((seed, share, g) for seed, g in zip(result.seeds, result.scalars))
+    if keep is not None:
+        full = sum(w for _, w, _ in weighted)
+        kept = [x for i, x in enumerate(weighted) if i in keep]
+        up = full / sum(w for _, w, _ in kept) if kept else 0.0
+        weighted = [(seed, w * up, g) for seed, w, g in kept]
+    return Commit(round_id, tuple((seed, w * min(max(g, -bound), bound))
+                                  for seed, w, g in weighted))
 
 
 def apply_commit(weights: Sequence[np.ndarray], commit: Commit, spec: DirectionSpec) -> None:
-    """In place: ``w <- w - c * z(seed)`` for each pair, in the commit's order."""
+    """In place: ``w <- w - c * z(seed)`` for each pair, in the commit's order.
+
+    Discrete prompts (``categorical``) regenerate each pair's policy-gradient draw instead.
+    """
+    if spec.distribution == "categorical":
+        from .prompts import apply_policy_commit
+        apply_policy_commit(weights, commit)
+        return
     for seed, coefficient in commit.pairs:
         axpy(weights, -coefficient, spec, seed)
 
