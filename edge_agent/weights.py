@@ -110,6 +110,17 @@ class Weights:
             for start in range(0, layout.size, layout.chunk):
                 self._put(index, start, flat[start:start + layout.chunk])
 
+    def add(self, tensors: Sequence[np.ndarray]) -> None:
+        """``w <- fl32(w + d)`` with canonical ``d`` per parameter: an update that is not a
+        direction (first-order deltas in the simulated hi+lo ablation)."""
+        for index, (layout, values) in enumerate(zip(self.layouts, tensors, strict=True)):
+            flat = np.asarray(values, dtype=np.float32).reshape(-1)
+            target = self.tensors[index].reshape(-1)
+            for start in range(0, layout.size, layout.chunk):
+                chunk = flat[start:start + layout.chunk]
+                lo, hi = layout.span(start, chunk.size)
+                target[lo:hi] += layout.to_stored(chunk)
+
     def _put(self, index: int, start: int, values: np.ndarray) -> None:
         lo, hi = self.layouts[index].span(start, values.size)
         self.tensors[index].reshape(-1)[lo:hi] = self.layouts[index].to_stored(

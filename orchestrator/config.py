@@ -37,8 +37,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-METHODS = ("zowarmup", "high-res-only", "zo-scratch")
-DATASETS = ("digits", "cifar10", "npz")
+METHODS = ("zowarmup", "high-res-only", "zo-scratch", "zowarmup-hi-fo")
+DATASETS = ("digits", "cifar10", "npz", "bbc-news")
+METHODS = (*METHODS, "bbpt")  # black-box prompt tuning: the [bbpt] table
+PROMPTS = ("continuous", "discrete")
+BLACKBOXES = ("remote", "local")
 STRATEGIES = ("fedavg", "fedadam")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -80,6 +83,7 @@ class DataSection:
     alpha: float = 0.5  # inf = IID
     split: str = "30/70"
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0  # of the training data, held out from every client
 
 
 @dataclass(frozen=True)
@@ -155,9 +159,25 @@ class FleetSection:
     credentials: str = ""  # a `zowarmup broker-config` directory: every identity, from there
 
 
+@dataclass(frozen=True)
+class BbptSection:
+    """Black-box prompt tuning (``run.method = "bbpt"``): what is tuned, against what."""
+
+    prompt: str = "continuous"  # SPSA on a prompt generator, or policy gradient on tokens
+    blackbox: str = "remote"  # devices query `serve-model` over HTTP, or run the frozen graph
+    train_clients: int = 0  # the first k clients tune; 0 = all (1: a single device alone)
+    shots: int = 0  # training samples a client keeps at most; 0 = all it holds
+    pretrain_epochs: int = 15  # the owner's pre-training of the image black box
+    tokens: int = 4  # discrete prompt length
+    candidates: int = 48  # tokens each prompt position chooses from
+    max_tokens: int = 32  # the text the black box reads, prompt included
+    budget: int = 0  # API queries per device; 0 = no budget
+    rate: float = 200.0  # API queries per second per device
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "model": ModelSection, "warmup": WarmupSection,
-    "zo": ZoSection, "eval": EvalSection, "fleet": FleetSection,
+    "zo": ZoSection, "eval": EvalSection, "fleet": FleetSection, "bbpt": BbptSection,
 }
 
 
@@ -172,6 +192,7 @@ class Config:
     zo: ZoSection = field(default_factory=ZoSection)
     eval: EvalSection = field(default_factory=EvalSection)
     fleet: FleetSection = field(default_factory=FleetSection)
+    bbpt: BbptSection = field(default_factory=BbptSection)
 
     def to_dict(self) -> dict:
         """A plain nested dict of every field; fields that are None are left out."""
@@ -294,6 +315,7 @@ RULES: dict[str, dict[str, _Rule]] = {
         "split": _text('"HIGH/LOW": two whole percentages summing to 100, e.g. "30/70"',
                        lambda v: _split_or_none(v) is not None),
         "test_fraction": _floats(0.0, 1.0, hi_open=True),
+        "validation_fraction": _floats(0.0, 1.0, lo_open=False, hi_open=True),
     },
     "model": {
         "name": _text(),  # checked against the zoo in _check_model
@@ -351,6 +373,18 @@ RULES: dict[str, dict[str, _Rule]] = {
         "tls_key": _text("the path of the client certificate's key file, or \"\""),
         "credentials": _text("the directory `zowarmup broker-config` wrote, or \"\""),
         "join_timeout_s": _floats(0.0),
+    },
+    "bbpt": {
+        "prompt": _choice(PROMPTS),
+        "blackbox": _choice(BLACKBOXES),
+        "train_clients": _ints(0, MAX_AGENTS_PER_ROUND, extra=" (0 = every client)"),
+        "shots": _ints(0, extra=" (0 = all of a client's samples)"),
+        "pretrain_epochs": _ints(1, 1000),
+        "tokens": _ints(1, 64),
+        "candidates": _ints(2, 4096),
+        "max_tokens": _ints(8, 512),
+        "budget": _ints(0, extra=" (0 = no budget)"),
+        "rate": _floats(0.0, 1e6),
     },
 }
 
@@ -590,6 +624,34 @@ def _cross_checks(config: Config, where: str) -> None:
                           f"data.clients = {data.clients}; allowed: 0 to {data.clients} "
                           "(leave it out for one per client)", "fleet.local_agents")
     _check_fleet(fleet, where)
+    _check_bbpt(config, where)
+
+
+def _check_bbpt(config: Config, where: str) -> None:
+    """Prompt tuning fits its tasks: images with continuous prompts, text with discrete ones."""
+    b, dataset = config.bbpt, config.data.dataset
+    if config.run.method != "bbpt":
+        if dataset == "bbc-news":
+            raise ConfigError(f"{where}: data.dataset = \"bbc-news\" is a text set for "
+                              "black-box prompt tuning; use run.method = \"bbpt\"",
+                              "data.dataset")
+        return
+    want = {"digits": "continuous", "bbc-news": "discrete"}.get(dataset)
+    if want != b.prompt:
+        raise ConfigError(f"{where}: bbpt.prompt = {_toml_string(b.prompt)} with data.dataset "
+                          f"= {_toml_string(dataset)}; prompt tuning runs continuous prompts "
+                          "on \"digits\" and discrete prompts on \"bbc-news\"", "bbpt.prompt")
+    if b.train_clients > config.data.clients:
+        raise ConfigError(f"{where}: bbpt.train_clients = {b.train_clients} exceeds "
+                          f"data.clients = {config.data.clients}", "bbpt.train_clients")
+    if b.prompt == "discrete":
+        if config.zo.local_steps != 1 or config.zo.directions < 2:
+            raise ConfigError(f"{where}: discrete prompts take one policy step per round from "
+                              "2 or more draws: zo.local_steps = 1 and zo.directions >= 2",
+                              "zo.directions")
+        if b.tokens + 2 > b.max_tokens:
+            raise ConfigError(f"{where}: bbpt.tokens = {b.tokens} leaves no text in "
+                              f"bbpt.max_tokens = {b.max_tokens}", "bbpt.tokens")
 
 
 def _high_resource_count(clients: int, high_percent: int) -> int:
@@ -599,8 +661,8 @@ def _high_resource_count(clients: int, high_percent: int) -> int:
 
 
 def _check_data_path(data: DataSection, where: str) -> None:
-    if data.dataset == "digits":
-        return  # built in; data.path is not used
+    if data.dataset in ("digits", "bbc-news"):
+        return  # built in or shipped by a package; data.path is not used
     hint = (f"; CIFAR-10 is the python-format archive cifar-10-python.tar.gz (or its "
             f"extracted cifar-10-batches-py directory), from {CIFAR10_URL}"
             if data.dataset == "cifar10"

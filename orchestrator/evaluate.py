@@ -38,14 +38,20 @@ class Evaluator:
 
     def __call__(self) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) over the whole test set."""
+        return self.measure(self.x, self.y)
+
+    def measure(self, x_all: np.ndarray, y_all: np.ndarray) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of the current weights over any labelled set."""
+        x_all = np.ascontiguousarray(x_all, np.float32)
+        y_all = np.asarray(y_all, np.int64)
         total, correct = 0.0, 0
-        for start in range(0, len(self.y), self.batch_size):
-            x = self.x[start:start + self.batch_size]
-            y = self.y[start:start + self.batch_size]
+        for start in range(0, len(y_all), self.batch_size):
+            x = x_all[start:start + self.batch_size]
+            y = y_all[start:start + self.batch_size]
             self.binding.bind_cpu_input(self.manifest.input_name, x)
             self.binding.bind_cpu_input(self.manifest.label_name, y)
             self.session.run_with_iobinding(self.binding)
             loss, right = self.binding.copy_outputs_to_cpu()
             total += float(loss) * len(y)
             correct += int(right)
-        return total / len(self.y), correct / len(self.y)
+        return total / len(y_all), correct / len(y_all)

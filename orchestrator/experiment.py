@@ -16,6 +16,20 @@ the methods (each a set of config overrides), for example::
     "High-Res-Only" = { "run.method" = "high-res-only" }
     "ZOWarmUp" = { "run.method" = "zowarmup" }
 
+Learning rates can be searched, as the paper does, on a validation split carved out of the
+training data (never on the test split)::
+
+    [search]
+    validation = 0.2                  # data.validation_fraction of the search runs
+    seeds = [100]                     # the search runs' seeds
+    [search.space]                    # per method, "*" for the rest: axes to try
+    "*" = { "zo.lr" = [3e-3, 1e-2, 3e-2] }
+    "High-Res-Only" = { "warmup.client_lr" = [0.03, 0.1, 0.3] }
+
+For every setting and method, each combination runs on the search seeds with the
+validation split held out; the one with the best mean final validation accuracy (a
+diverged run counts as the worst) is used for the table's runs, on all the training data.
+
 Every run is an ordinary run directory (simulated ZO phase, same bits as over MQTT), so
 ``zowarmup report`` reads any of them, and a stopped experiment picks up where it stopped:
 finished runs are kept. The table gives the final test accuracy as mean (std) over seeds.
@@ -42,15 +56,34 @@ class ExperimentError(ZoError):
     """A grid file that cannot be run, and what is wrong with it."""
 
 
+Overrides = tuple[tuple[str, object], ...]
+
+
 @dataclass(frozen=True)
 class Cell:
-    setting: tuple[tuple[str, object], ...]  # the grid axes' values
+    setting: Overrides  # the grid axes' values
     method: str
     seed: int
+    tuned: Overrides = ()  # values the search chose (or, for a search run, is trying)
 
     def directory(self, root: Path) -> Path:
         parts = [f"{k.split('.')[-1]}={_slug(v)}" for k, v in self.setting]
-        return root.joinpath(*parts, _slug(self.method), f"seed-{self.seed}")
+        tuned = [f"{k.split('.')[-1]}={_slug(v)}" for k, v in self.tuned]
+        return root.joinpath(*parts, _slug(self.method), *tuned, f"seed-{self.seed}")
+
+
+@dataclass(frozen=True)
+class Search:
+    """Learning-rate (or any) search on a validation split, per setting and method."""
+
+    validation: float
+    seeds: tuple[int, ...]
+    spaces: dict[str, dict[str, list]]  # method name or "*" -> {config key: values}
+
+    def candidates(self, method: str) -> list[Overrides]:
+        space = self.spaces.get(method, self.spaces.get("*", {}))
+        keys = list(space)
+        return [tuple(zip(keys, values)) for values in itertools.product(*space.values())]
 
 
 @dataclass(frozen=True)
@@ -62,17 +95,37 @@ class Grid:
     axes: dict[str, list]
     methods: dict[str, dict[str, object]]
     overrides: tuple[str, ...] = ()
+    search: Search | None = None
 
-    def cells(self) -> list[Cell]:
+    def settings(self) -> list[Overrides]:
         keys = list(self.axes)
-        return [Cell(tuple(zip(keys, values)), method, seed)
-                for values in itertools.product(*(self.axes[k] for k in keys))
-                for method in self.methods for seed in self.seeds]
+        return [tuple(zip(keys, values))
+                for values in itertools.product(*(self.axes[k] for k in keys))]
 
-    def config(self, cell: Cell) -> Config:
+    def cells(self, chosen: dict[tuple[Overrides, str], Overrides] | None = None
+              ) -> list[Cell]:
+        """The table's runs; with a search, each (setting, method) uses its chosen values."""
+        chosen = chosen or {}
+        return [Cell(setting, method, seed, chosen.get((setting, method), ()))
+                for setting in self.settings() for method in self.methods
+                for seed in self.seeds]
+
+    def search_cells(self, setting: Overrides, method: str) -> list[Cell]:
+        assert self.search is not None
+        return [Cell(setting, method, seed, candidate)
+                for candidate in self.search.candidates(method) for seed in self.search.seeds]
+
+    def search_root(self) -> Path:
+        return self.out / "search"
+
+    def config(self, cell: Cell, validation: float = 0.0, root: Path | None = None
+               ) -> Config:
         sets = [f"{k}={_toml(v)}" for k, v in cell.setting]
         sets += [f"{k}={_toml(v)}" for k, v in self.methods[cell.method].items()]
-        sets += [f"run.seed={cell.seed}", f"run.out={cell.directory(self.out)}",
+        sets += [f"{k}={_toml(v)}" for k, v in cell.tuned]
+        if validation:
+            sets.append(f"data.validation_fraction={validation!r}")
+        sets += [f"run.seed={cell.seed}", f"run.out={cell.directory(root or self.out)}",
                  f"run.name={_slug(self.name)}-{cell.seed}", *self.overrides]
         return load_config(self.base, sets)
 
@@ -87,10 +140,10 @@ def load_grid(path: Path, overrides: tuple[str, ...] = ()) -> Grid:
         data = tomllib.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ExperimentError(f"{path}: cannot read the grid file: {exc}") from None
-    unknown = set(data) - {"experiment", "grid", "methods"}
+    unknown = set(data) - {"experiment", "grid", "methods", "search"}
     if unknown:
         raise ExperimentError(f"{path}: unknown table(s) {sorted(unknown)}; a grid file has "
-                              "[experiment], [grid] and [methods]")
+                              "[experiment], [grid], [methods] and [search]")
     e = data.get("experiment", {})
     for key in ("base", "seeds"):
         if key not in e:
@@ -104,36 +157,128 @@ def load_grid(path: Path, overrides: tuple[str, ...] = ()) -> Grid:
     methods = data.get("methods", {"default": {}})
     if not all(isinstance(v, dict) for v in methods.values()):
         raise ExperimentError(f"{path}: each [methods] entry must be a table of overrides")
+    search = _search(data["search"], methods, path) if "search" in data else None
     grid = Grid(str(e.get("name", path.stem)), (path.parent / e["base"]).resolve(),
                 tuple(seeds), Path(e.get("out", f"runs/{path.stem}")).resolve(), axes,
-                methods, tuple(overrides))
+                methods, tuple(overrides), search)
     first = {cell.method: cell for cell in reversed(grid.cells())}
     for cell in first.values():  # every method's config is valid before any run starts
         grid.config(cell)
+        if search:
+            for candidate in grid.search_cells(cell.setting, cell.method)[:1]:
+                grid.config(candidate, search.validation, grid.search_root())
     return grid
 
 
+def _search(table: object, methods: dict, path: Path) -> Search:
+    where = f"{path}: [search]"
+    if not isinstance(table, dict):
+        raise ExperimentError(f"{where} must be a table")
+    unknown = set(table) - {"validation", "seeds", "space"}
+    if unknown:
+        raise ExperimentError(f"{where} has unknown key(s) {sorted(unknown)}; it takes "
+                              "validation, seeds and space")
+    validation = table.get("validation", 0.2)
+    if not (isinstance(validation, float) and 0 < validation < 1):
+        raise ExperimentError(f"{where}: validation must be a fraction in (0, 1), "
+                              f"got {validation!r}")
+    seeds = table.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
+        raise ExperimentError(f"{where}: seeds must be a non-empty list of integers")
+    spaces = table.get("space", {})
+    if not (isinstance(spaces, dict) and spaces):
+        raise ExperimentError(f"{where}: space must name, per method (or \"*\"), the values "
+                              "to try, e.g. \"*\" = {{ \"zo.lr\" = [1e-3, 1e-2] }}")
+    for method, space in spaces.items():
+        if method != "*" and method not in methods:
+            raise ExperimentError(f"{where}: space names {method!r}, which is not a method "
+                                  f"({', '.join(methods)})")
+        if not (isinstance(space, dict) and space
+                and all(isinstance(v, list) and v for v in space.values())):
+            raise ExperimentError(f"{where}: space.{method} must map config keys to "
+                                  "non-empty lists of values")
+    return Search(validation, tuple(seeds), spaces)
+
+
 def run_grid(grid: Grid) -> list[dict]:
-    """Run every cell not finished yet; return one row per (setting, method)."""
-    from .run import SUMMARY, execute
+    """Run the search (if any) and every cell not finished yet; one row per setting/method."""
     logging.getLogger("zowarmup.progress").setLevel(logging.WARNING)  # a line per run instead
-    cells = grid.cells()
+    chosen = search(grid) if grid.search else {}
+    cells = grid.cells(chosen)
     for i, cell in enumerate(cells, 1):
-        run_dir = cell.directory(grid.out)
-        if (run_dir / SUMMARY).exists():
-            continue
-        config = grid.config(cell)
-        log.info("run %d/%d: %s", i, len(cells), run_dir)
+        _run(grid, cell, f"run {i}/{len(cells)}")
+    return table_rows(grid, chosen)
+
+
+def search(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
+    """Run every search cell; the chosen values per (setting, method)."""
+    assert grid.search is not None
+    chosen = {}
+    for setting in grid.settings():
+        for method in grid.methods:
+            cells = grid.search_cells(setting, method)
+            for i, cell in enumerate(cells, 1):
+                _run(grid, cell, f"search {method} {i}/{len(cells)}", search=True)
+            chosen[(setting, method)] = best_candidate(grid, cells)
+            log.info("search %s %s: chose %s", method, dict(setting),
+                     dict(chosen[(setting, method)]))
+    return chosen
+
+
+def best_candidate(grid: Grid, cells: list[Cell]) -> Overrides:
+    """The values with the best mean final validation accuracy (diverged: worst; ties:
+    the first listed)."""
+    scores: dict[Overrides, list[float]] = {}
+    for cell in cells:
+        summary = _summary(cell.directory(grid.search_root()))
+        val = summary.get("final_val_acc") if summary else None
+        scores.setdefault(cell.tuned, []).append(-1.0 if val is None else float(val))
+    return max(scores, key=lambda c: sum(scores[c]) / len(scores[c]))
+
+
+DIVERGED = "diverged.json"
+
+
+def _run(grid: Grid, cell: Cell, label: str, search: bool = False) -> None:
+    from .run import SUMMARY, RunError, execute
+    root = grid.search_root() if search else grid.out
+    run_dir = cell.directory(root)
+    if (run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists():
+        return
+    config = grid.config(cell, grid.search.validation if search else 0.0, root)
+    log.info("%s: %s", label, run_dir)
+    try:
         summary = execute(config, run_dir, simulate=True)
-        log.info("run %d/%d: final accuracy %.4f (%.0f s)", i, len(cells), summary["final_acc"],
-                 summary["wall_s"])
-    return table_rows(grid)
+    except RunError as exc:
+        if not search or "diverged" not in str(exc):
+            raise
+        log.info("%s: diverged (%s)", label, exc)  # a search run may: its candidate loses
+        (run_dir / DIVERGED).write_text(json.dumps({"error": str(exc)}) + "\n")
+        return
+    figure = summary["final_val_acc"] if search else summary["final_acc"]
+    log.info("%s: final %s accuracy %.4f (%.0f s)", label, "validation" if search else "test",
+             figure, summary["wall_s"])
 
 
-def table_rows(grid: Grid) -> list[dict]:
+def _summary(run_dir: Path) -> dict | None:
+    from .run import SUMMARY
+    file = run_dir / SUMMARY
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def chosen_so_far(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
+    """The search's choices from the runs on disk (for a table of a partial experiment)."""
+    if grid.search is None:
+        return {}
+    return {(setting, method): best_candidate(grid, grid.search_cells(setting, method))
+            for setting in grid.settings() for method in grid.methods}
+
+
+def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None = None
+               ) -> list[dict]:
     from .run import SUMMARY
     rows: dict[tuple, dict] = {}
-    for cell in grid.cells():
+    for cell in grid.cells(chosen):
         summary_file = cell.directory(grid.out) / SUMMARY
         if not summary_file.exists():
             continue
@@ -143,7 +288,8 @@ def table_rows(grid: Grid) -> list[dict]:
         row = rows.setdefault(key, {
             "dataset": summary["dataset"], "model": summary["model"],
             "split": config.data.split, "method": cell.method,
-            "setting": {k: v for k, v in cell.setting}, "seeds": [], "accuracies": []})
+            "setting": {k: v for k, v in cell.setting}, "chosen": dict(cell.tuned),
+            "seeds": [], "accuracies": []})
         row["seeds"].append(cell.seed)
         row["accuracies"].append(summary["final_acc"])
     for row in rows.values():
@@ -153,8 +299,9 @@ def table_rows(grid: Grid) -> list[dict]:
     return list(rows.values())
 
 
-def markdown(grid: Grid, rows: list[dict]) -> str:
-    """Settings down, methods across, ``mean (std)`` in percent, as the paper's tables."""
+def markdown(grid: Grid, rows: list[dict], chosen: bool = False) -> str:
+    """Settings down, methods across, ``mean (std)`` in percent, as the paper's tables
+    (or, with ``chosen``, the values the search picked for each cell)."""
     settings = list(dict.fromkeys(tuple(r["setting"].items()) for r in rows))
     methods = list(grid.methods)
     head = [", ".join(k.split(".")[-1] for k in grid.axes) or "setting", *methods]
@@ -164,6 +311,11 @@ def markdown(grid: Grid, rows: list[dict]) -> str:
         for method in methods:
             match = [r for r in rows if tuple(r["setting"].items()) == setting
                      and r["method"] == method]
+            if chosen:
+                cells.append(", ".join(f"{k.split('.')[-1]} {v}"
+                                       for k, v in match[0]["chosen"].items())
+                             if match else "-")
+                continue
             cells.append(f"{100 * match[0]['mean']:.2f} ({100 * match[0]['std']:.2f})"
                          if match else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -175,10 +327,15 @@ def write_results(grid: Grid, rows: list[dict], out_dir: Path, command: str) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js, png = (out_dir / f"{grid.name}.{ext}" for ext in ("md", "json", "png"))
     seeds = len(grid.seeds)
+    tuned = ""
+    if grid.search:
+        tuned = (f"\nValues chosen on a validation split ({grid.search.validation:.0%} of the "
+                 f"training data, seeds {list(grid.search.seeds)}):\n\n"
+                 f"{markdown(grid, rows, chosen=True)}")
     md.write_text(f"# {grid.name}\n\nFinal test accuracy, mean (std) over {seeds} seed(s), "
-                  f"in percent.\n\n{markdown(grid, rows)}\nMade by:\n\n```sh\n{command}\n"
-                  "```\n")
-    keys = ("dataset", "model", "split", "method", "setting", "seeds", "mean", "std",
+                  f"in percent.\n\n{markdown(grid, rows)}{tuned}\nMade by:\n\n```sh\n"
+                  f"{command}\n```\n")
+    keys = ("dataset", "model", "split", "method", "setting", "chosen", "seeds", "mean", "std",
             "accuracies")
     js.write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
     plot(grid, rows, png)

@@ -20,6 +20,7 @@ resume, metrics lines past the durable state are dropped and redone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,14 @@ from protocols.robust import Robustness
 from protocols.zo import weights_sha256
 
 from .config import Config
-from .data import Dataset, assign_resources, dirichlet_partition, load_dataset, parse_split
+from .data import (
+    Dataset,
+    assign_resources,
+    dirichlet_partition,
+    load_dataset,
+    parse_split,
+    stratified_test_mask,
+)
 from .progress import Progress
 
 log = logging.getLogger("zowarmup.run")
@@ -57,23 +65,47 @@ class Plan:
     high: np.ndarray
     warmup_rounds: int  # the pivot round (0 = ZO from scratch)
     zo_rounds: int
+    validation: tuple[np.ndarray, np.ndarray] | None = None  # held out from every client
 
     @property
     def agent_ids(self) -> list[str]:
         return [f"client-{i:03d}" for i in range(len(self.parts))]
 
+    def evaluation_sets(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """What each evaluation measures: the test split, and the validation split if any."""
+        sets = {"test": (self.dataset.x_test, self.dataset.y_test)}
+        if self.validation is not None:
+            sets["val"] = self.validation
+        return sets
+
 
 def plan_run(config: Config) -> Plan:
     d = config.data
     dataset = load_dataset(d.dataset, d.path or None, config.run.seed, d.test_fraction)
+    validation = None
+    if d.validation_fraction > 0:
+        dataset, validation = hold_out(dataset, d.validation_fraction, config.run.seed)
     alpha = float("inf") if str(d.alpha) == "iid" else float(d.alpha)
     parts = dirichlet_partition(dataset.y_train, d.clients, alpha, config.run.seed)
     high = assign_resources(d.clients, parse_split(d.split), config.run.seed)
     method = config.run.method
-    warmup = {"zowarmup": config.warmup.rounds, "zo-scratch": 0,
-              "high-res-only": config.warmup.rounds + config.zo.rounds}[method]
+    warmup = {"zowarmup": config.warmup.rounds, "zowarmup-hi-fo": config.warmup.rounds,
+              "zo-scratch": 0, "high-res-only": config.warmup.rounds + config.zo.rounds}[method]
     zo = 0 if method == "high-res-only" else config.zo.rounds
-    return Plan(dataset, parts, high, warmup, zo)
+    return Plan(dataset, parts, high, warmup, zo, validation)
+
+
+def hold_out(dataset: Dataset, fraction: float, seed: int
+             ) -> tuple[Dataset, tuple[np.ndarray, np.ndarray]]:
+    """The data set without a stratified validation split, and that split.
+
+    The split is drawn from the training data only, with its own stream (not the test
+    split's), so tuning on it never sees a test sample.
+    """
+    mask = stratified_test_mask(dataset.y_train, fraction, seed + 7919)
+    kept = dataclasses.replace(dataset, x_train=dataset.x_train[~mask],
+                               y_train=dataset.y_train[~mask])
+    return kept, (dataset.x_train[mask], dataset.y_train[mask])
 
 
 class RunDir:
@@ -127,6 +159,10 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     if rd.state()["phase"] == "new":
         rd.set_state(simulate=simulate)
     simulate = bool(rd.state().get("simulate", simulate))  # a resume keeps the run's mode
+    if config.run.method == "zowarmup-hi-fo" and not simulate:
+        raise RunError("run.method = \"zowarmup-hi-fo\" runs only simulated (--simulate, or "
+                       "zowarmup experiment): its high-resource clients send whole models "
+                       "every round")
     plan = plan_run(config)
     progress = progress or Progress(plan.warmup_rounds + plan.zo_rounds)
     started = time.time() - float(rd.state().get("wall_s", 0.0))
@@ -167,6 +203,7 @@ def summarize(config: Config, plan: Plan, rd: RunDir, sha: str, wall_s: float) -
         "name": config.run.name, "method": config.run.method,
         "dataset": config.data.dataset, "model": config.model.name,
         "final_acc": evaluated[-1]["test_acc"] if evaluated else None,
+        "final_val_acc": evaluated[-1].get("val_acc") if evaluated else None,
         "best_acc": max((r["test_acc"] for r in evaluated), default=None),
         "pivot_acc": pivot, "pivot_round": plan.warmup_rounds if plan.zo_rounds else None,
         "warmup_rounds": plan.warmup_rounds, "zo_rounds": plan.zo_rounds,
@@ -178,6 +215,14 @@ def summarize(config: Config, plan: Plan, rd: RunDir, sha: str, wall_s: float) -
             for phase in ("warmup", "zo")},
         "final_sha256": sha, "wall_s": round(wall_s, 2),
     }
+
+
+def evaluation_row(scores: dict[str, tuple[float, float]]) -> dict:
+    """``{"test_acc": .., "test_loss": .., "val_acc": ..}`` from ``{set: (loss, acc)}``."""
+    row: dict = {}
+    for name, (loss, acc) in scores.items():
+        row[f"{name}_acc"], row[f"{name}_loss"] = acc, loss
+    return row
 
 
 def journal_commits(path: Path) -> list:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import multiprocessing as mp
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from edge_agent.engine import ZoEngine
 from edge_agent.shard import load_shard
@@ -33,34 +36,49 @@ from .fleet import strategy_for
 
 
 def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
-            micro_batch: int) -> None:
+            micro_batch: int, engine_factory=None) -> None:
     """One process: an engine, its clients' shards, and a loop of round -> results."""
     manifest = load_manifest(Path(model_dir))
     loaded = {a: load_shard(Path(p), manifest) for a, p in shards.items()}
     first = next(iter(loaded.values()))
     native = strategy_for(Path(model_dir), len(first)) == "native"
-    engine = ZoEngine(Path(model_dir), first, spec, micro_batch=micro_batch, threads=1,
-                      manifest=manifest, strategy="native" if native else "inputs")
+    engine = (engine_factory or ZoEngine)(Path(model_dir), first, spec,
+                                          micro_batch=micro_batch, threads=1,
+                                          manifest=manifest,
+                                          strategy="native" if native else "inputs")
     while True:
         kind, payload = conn.recv()
         if kind == "stop":
             return
         if kind == "commit":
-            engine.apply([decode(payload)])
+            message, delta = payload
+            engine.apply([decode(message)])
+            if delta is not None:
+                engine.weights.add(delta)
             conn.send(engine.fingerprint())
             continue
         start: RoundStart = decode(payload)
-        results = []
+        results, diverged = [], []
         for agent in sorted(set(start.assignments) & set(loaded)):
             shard = loaded[agent]
             engine.shard = shard
+            if hasattr(engine, "select_device"):  # a prompt engine: this client's black box
+                engine.select_device(agent)
             engine.strategy = strategy_for(Path(model_dir), len(shard))  # as local agents
             out = engine.round(start.assignments[agent], start.eps, start.local_steps,
                                start.local_lr)
+            if not (math.isfinite(out.loss) and all(math.isfinite(g) for g in out.scalars)):
+                diverged.append(agent)  # as an agent does: nothing is sent
+                continue
             results.append(encode(Result(agent, start.round, start.assignments[agent],
                                          out.scalars, out.samples, engine.fingerprint(),
-                                         out.loss, out.seconds)))
-        conn.send(results)
+                                         out.loss, out.seconds, out.queries)))
+        conn.send((results, diverged))
+
+
+def _add(weights: list[np.ndarray], delta: list[np.ndarray] | None) -> None:
+    for w, d in zip(weights, delta or ()):
+        w += d
 
 
 class Simulation:
@@ -68,15 +86,18 @@ class Simulation:
 
     def __init__(self, model_dir: Path, shards: dict[str, Path], run_id: str, seed: int,
                  coordinator_policy, spec: DirectionSpec, micro_batch: int = 64,
+                 engine_factory=None,
                  workers: int | None = None, history: Sequence[CommitMessage] = (),
-                 journal=None) -> None:
+                 journal=None, deltas: dict[int, list[np.ndarray]] | None = None) -> None:
         self.journal = journal
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir)
         self.flat, self.weights = read_weights(self.model_dir, self.manifest)
         self.spec = spec
+        self.deltas = dict(deltas or {})  # round -> an update beside its commit (hi+lo)
         for message in history:
             apply_commit(self.weights, message.commit, spec)
+            _add(self.weights, self.deltas.get(message.commit.round))
         self.coordinator = Coordinator(run_id, seed, spec, len(history),
                                        fingerprint(self.weights), coordinator_policy,
                                        history=history,
@@ -91,12 +112,12 @@ class Simulation:
             mine = {a: str(shards[a]) for a in ids[w::count]}
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, str(self.model_dir), mine, spec,
-                                                     micro_batch), daemon=True)
+                                                     micro_batch, engine_factory), daemon=True)
             proc.start()
             self._pipes.append(parent)
             self._procs.append(proc)
         for message in history:  # the workers start from weights.bin, like a new agent
-            self._broadcast_commit(message)
+            self._broadcast_commit(message, self.deltas.get(message.commit.round))
         model_sha256 = hashlib.sha256((self.model_dir / MANIFEST).read_bytes()).hexdigest()
         for agent in ids:
             hello = Hello(agent, Capabilities(0, 1, 0), model_sha256, self.coordinator.version,
@@ -104,35 +125,50 @@ class Simulation:
             self.coordinator.receive(topics.agent(run_id, agent, "hello"), encode(hello),
                                      time.time())
 
-    def run_round(self, participants: Sequence[str]):
+    def run_round(self, participants: Sequence[str], delta: list[np.ndarray] | None = None,
+                  keep: Callable[[int, list[np.ndarray]], None] | None = None):
+        """One round; ``delta``, an update added after the commit, is handed to ``keep``
+        (made durable) before the commit is journaled, and sent to every worker with it."""
         c = self.coordinator
         send = c.open_round(participants, time.time())
         self.downlink_bytes += len(send.payload)
         for pipe in self._pipes:
             pipe.send(("round", send.payload))
+        diverged: list[str] = []
         for pipe in self._pipes:
-            for payload in pipe.recv():
+            results, lost = pipe.recv()
+            diverged += lost
+            for payload in results:
                 self.result_bytes += len(payload)
                 agent = decode(payload).agent_id
                 c.receive(topics.agent(c.run_id, agent, "result"), payload, time.time())
+        if not c.round_results() and diverged:
+            from .run import RunError
+            raise RunError(f"the ZO phase diverged in round {c.version}: the loss is not "
+                           f"finite on any client's shard; rerun with a lower zo.lr")
         if not c.round_results():
             raise RuntimeError(f"simulated round {c.version}: every result was refused "
                                f"({c.refusals[-1] if c.refusals else 'none arrived'})")
+        self.last_results = c.round_results()  # what each client reported (queries)
         commit = c.close_round()
         apply_commit(self.weights, commit, self.spec)
+        _add(self.weights, delta)
+        if delta is not None and keep is not None:
+            keep(commit.round, delta)
         fp = fingerprint(self.weights)
         message = CommitMessage(commit, fp)
         if self.journal is not None:
             self.journal.append_commit(message, c.closing_scale)
         sent = c.committed(commit, fp)
         self.downlink_bytes += len(sent.payload)
-        self._broadcast_commit(message)
+        self._broadcast_commit(message, delta)
         return commit
 
-    def _broadcast_commit(self, message: CommitMessage) -> None:
+    def _broadcast_commit(self, message: CommitMessage,
+                          delta: list[np.ndarray] | None = None) -> None:
         payload = encode(message)
         for pipe in self._pipes:
-            pipe.send(("commit", payload))
+            pipe.send(("commit", (payload, delta)))
         for pipe in self._pipes:
             if pipe.recv() != message.fingerprint:
                 raise RuntimeError("a simulated agent diverged from the coordinator")

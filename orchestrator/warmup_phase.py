@@ -17,7 +17,7 @@ from export import export_model
 from .config import Config
 from .data import write_partition
 from .progress import Progress
-from .run import CHECKPOINT, Plan, RunDir
+from .run import CHECKPOINT, Plan, RunDir, evaluation_row
 from .warmup import Warmup, WarmupConfig, evaluate, resolve_device
 from .zoo import build_model
 
@@ -67,12 +67,14 @@ def _train(config: Config, plan: Plan, rd: RunDir, model: torch.nn.Module,
     for r in range(trainer.next_round, plan.warmup_rounds):
         stats = trainer.run_round(r)
         trainer.save_checkpoint(checkpoint)
-        acc = loss = None
+        scores: dict = {"test_acc": None, "test_loss": None}
         if (r + 1) % config.eval.every == 0 or r + 1 == plan.warmup_rounds:
-            loss, acc = evaluate(trainer.model, ds.x_test, ds.y_test, config.eval.batch_size,
-                                 device)
+            scores = evaluation_row({
+                name: evaluate(trainer.model, x, y, config.eval.batch_size, device)
+                for name, (x, y) in plan.evaluation_sets().items()})
+        acc = scores["test_acc"]
         n = len(stats.participants)
-        rd.log_metrics({"round": r, "phase": "warmup", "test_acc": acc, "test_loss": loss,
+        rd.log_metrics({"round": r, "phase": "warmup", **scores,
                         "participants": n, "uplink_bytes": stats.uplink_bytes * n,
                         "downlink_bytes": stats.downlink_bytes * n,
                         "train_loss": stats.train_loss, "wall_s": time.time() - started})

@@ -24,7 +24,15 @@ from .evaluate import Evaluator
 from .fleet import LocalFleet
 from .progress import Progress
 from .rounds import RoundServer
-from .run import Plan, RunDir, RunError, journal_commits, open_journal, round_policy
+from .run import (
+    Plan,
+    RunDir,
+    RunError,
+    evaluation_row,
+    journal_commits,
+    open_journal,
+    round_policy,
+)
 
 log = logging.getLogger("zowarmup.zo")
 
@@ -73,12 +81,21 @@ def _simulated(config: Config, plan: Plan, rd: RunDir, progress: Progress, start
     from .simulate import Simulation
     policy, spec = round_policy(config)
     shards = {a: rd.path / "shards" / f"{a}.npz" for a in plan.agent_ids}
+    hilo = config.run.method == "zowarmup-hi-fo"
+    if hilo:
+        from .hilo import saved_deltas
+    deltas = saved_deltas(rd.path) if hilo else None
     with ExitStack() as stack:
         journal = open_journal(rd.path / "journal", config.run.name)
         stack.callback(journal.close)
         sim = Simulation(rd.path / "model", shards, config.run.name, config.run.seed, policy,
-                         spec, config.zo.micro_batch, history=history, journal=journal)
+                         spec, config.zo.micro_batch, history=history, journal=journal,
+                         deltas=deltas)
         stack.callback(sim.close)
+        if hilo:
+            from .hilo import FirstOrderPart, HiLoRounds
+            part = FirstOrderPart(config, plan, [w.shape for w in sim.weights])
+            sim = HiLoRounds(sim, part, plan, rd.path, plan.warmup_rounds)
         evaluator = Evaluator(rd.path / "model", sim.manifest, sim.weights,
                               plan.dataset.x_test, plan.dataset.y_test, config.eval.batch_size)
         for version in range(sim.coordinator.version, plan.zo_rounds):
@@ -151,9 +168,11 @@ def _record(config: Config, plan: Plan, rd: RunDir, server, evaluator: Evaluator
     answered = len({seed for seed, _ in commit.pairs}) // max(1, config.zo.directions
                                                            * config.zo.local_steps)
     global_round = plan.warmup_rounds + version
-    acc = loss = None
+    scores: dict = {"test_acc": None, "test_loss": None}
     if (version + 1) % config.eval.every == 0 or version + 1 == plan.zo_rounds:
-        loss, acc = evaluator()
+        scores = evaluation_row({name: evaluator.measure(x, y)
+                                 for name, (x, y) in plan.evaluation_sets().items()})
+        loss = scores["test_loss"]
         if not math.isfinite(loss) or loss > 1e6:
             raise RunError(f"the ZO phase diverged at round {global_round} (test loss "
                            f"{loss:.3g}); resume cannot help: rerun with a lower zo.lr "
@@ -161,12 +180,12 @@ def _record(config: Config, plan: Plan, rd: RunDir, server, evaluator: Evaluator
     if not commit.pairs:
         log.warning("round %d closed with no result (deadline %.0f s); nothing changed",
                     global_round, config.zo.deadline_s)
-    rd.log_metrics({"round": global_round, "phase": "zo", "test_acc": acc, "test_loss": loss,
+    rd.log_metrics({"round": global_round, "phase": "zo", **scores,
                     "participants": len(participants), "answered": answered,
                     "uplink_bytes": server.result_bytes - up,
                     "downlink_bytes": (server.downlink_bytes - down) * len(participants),
                     "refused": sum(server.coordinator.refused.values()),
                     "late": server.coordinator.late, "clipped": server.coordinator.clipped,
                     "trimmed": server.coordinator.trimmed, "wall_s": time.time() - started})
-    progress.update("zo", global_round, acc)
+    progress.update("zo", global_round, scores["test_acc"])
 

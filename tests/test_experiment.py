@@ -83,3 +83,51 @@ def test_a_grid_with_a_bad_field_is_refused_before_any_run(tmp_path):
     with pytest.raises(ExperimentError, match="seeds"):
         load_grid(tmp_path / "g2.toml")
     assert not (tmp_path / "runs").exists()
+
+
+SEARCH = """
+[search]
+validation = 0.25
+seeds = [5]
+[search.space]
+"ZOWarmUp" = {{ "zo.lr" = [1e-3, 1e6] }}
+"High-Res-Only" = {{ "warmup.client_lr" = [0.05, 0.2] }}
+"""
+
+
+def test_a_search_chooses_on_the_validation_split_and_never_a_diverged_value(tmp_path,
+                                                                              monkeypatch):
+    from orchestrator.experiment import DIVERGED, load_grid, markdown, run_grid
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(BASE)
+    grid_text = GRID.format(out=tmp_path / "runs").replace('"25/75", "75/25"', '"50/50"')
+    (tmp_path / "grid.toml").write_text(grid_text.replace("seeds = [0, 1]", "seeds = [0]")
+                                        + SEARCH.format())
+    grid = load_grid(tmp_path / "grid.toml")
+    rows = run_grid(grid)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["ZOWarmUp"]["chosen"] == {"zo.lr": 1e-3}  # 1e6 diverged
+    assert set(by_method["High-Res-Only"]["chosen"]) == {"warmup.client_lr"}
+    search_root = tmp_path / "runs" / "search"
+    assert len(list(search_root.rglob(DIVERGED))) == 1
+    searched = [json.loads(p.read_text()) for p in search_root.rglob("summary.json")]
+    assert len(searched) == 3 and all(s["final_val_acc"] is not None for s in searched)
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("summary.json")
+              if search_root not in p.parents]
+    assert len(finals) == 2 and all(s["final_val_acc"] is None for s in finals)
+    assert "lr 0.001" in markdown(grid, rows, chosen=True)
+
+
+def test_the_validation_split_comes_from_training_data_only():
+    from orchestrator.config import parse_config, tomllib
+    from orchestrator.run import plan_run
+    plain = plan_run(parse_config(tomllib.loads(BASE), "base"))
+    held = plan_run(parse_config(tomllib.loads(
+        BASE.replace("[data]", "[data]\nvalidation_fraction = 0.2")), "held"))
+    x_val, y_val = held.validation
+    assert len(held.dataset.y_train) + len(y_val) == len(plain.dataset.y_train)
+    assert abs(len(y_val) / len(plain.dataset.y_train) - 0.2) < 0.02
+    assert held.dataset.x_test.tobytes() == plain.dataset.x_test.tobytes()
+    test_rows = {r.tobytes() for r in plain.dataset.x_test}
+    assert not any(r.tobytes() in test_rows for r in x_val)
+    assert set(held.evaluation_sets()) == {"test", "val"}
