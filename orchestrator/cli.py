@@ -201,8 +201,9 @@ def _setup_logging(verbose: bool) -> None:
     import logging
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:  # the embedded broker logs every connection at INFO
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
+    if not verbose:  # the embedded broker logs every connection, the exporter every pass
+        for noisy in ("amqtt", "onnxscript", "onnx_ir"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_options(f: Callable) -> Callable:
