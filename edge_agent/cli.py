@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -11,6 +12,8 @@ import click
 import numpy as np
 
 from protocols.selftest import run_selftest
+
+from .config import ENGINE_KEYS, SETTINGS, ConfigError, Resolved, resolve, resolve_password
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +42,7 @@ def engine_options(f):
                      "use, its CPU affinity)."),
         click.option("--strategy", type=click.Choice(["auto", "native", "inputs",
                                                       "constants"]),
-                     default="auto", show_default=True, help="How forward passes run: native "
+                     default=None, help="How forward passes run (default auto): native "
                      "(ONNX Runtime's graph optimised for this CPU, the weights held once in "
                      "its layout: fastest, least memory), inputs (the plain graph), or "
                      "constants (a session compiled per pass). auto: native where the model "
@@ -70,32 +73,100 @@ def selftest() -> None:
     click.echo(f"selftest ok ({where}; {time.perf_counter() - started:.2f} s)")
 
 
+def config_option(f):
+    """--config: the TOML file of settings (the environment's ZOWARMUP_AGENT_CONFIG)."""
+    return click.option(
+        "--config", "config_file", default=None, metavar="FILE",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A TOML file of settings, e.g. /etc/zowarmup/agent.toml (or set "
+        "ZOWARMUP_AGENT_CONFIG). Flags win over environment variables (ZOWARMUP_<SETTING>), "
+        "which win over the file.")(f)
+
+
+class BadSetting(click.ClickException):
+    """A setting that cannot be used: exit status 2, which the systemd unit does not
+    restart on, since a restart cannot fix a configuration."""
+
+    exit_code = 2
+
+
+def resolve_settings(keys, flags: dict, config_file: Path | None, password: str | None = None,
+                     password_file: Path | None = None) -> Resolved:
+    """Flags, environment and file merged; every problem a clear error, and nothing started."""
+    try:
+        settings = resolve(keys, flags, config_file)
+        if password is not None or password_file is not None or "broker" in keys:
+            resolve_password(settings, password, password_file)
+    except ConfigError as exc:
+        raise BadSetting(str(exc)) from None
+    for warning in settings.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return settings
+
+
+RUN_KEYS = tuple(key for key in SETTINGS if key != "password_file")
+
+
 @main.command()
-@click.option("--broker", required=True, metavar="URL",
+@config_option
+@click.option("--broker", default=None, metavar="URL",
               help="mqtt://host:port or mqtts://host:port of the fleet's broker.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--data", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="This device's shard: a .npz with x and y (see docs/protocol.md).")
-@click.option("--id", "agent_id", default=None,
+@click.option("--id", "id", default=None,
               help="Agent id, unique in the fleet (default: the host name).")
-@click.option("--run", "run_id", default="default", show_default=True, help="Run id to join.")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("zowarmup-agent-state"), show_default=True,
-              help="Where downloaded models are kept between restarts.")
+@click.option("--run", "run", default=None, help="Run id to join (default: default).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where downloaded models are kept between restarts (default: systemd's "
+              "$STATE_DIRECTORY, else ./zowarmup-agent-state).")
 @click.option("--username", default=None, help="Broker user name.")
-@click.option("--password", default=None, envvar="ZOWARMUP_PASSWORD",
-              help="Broker password (or set ZOWARMUP_PASSWORD).")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--mqtt", "protocol", type=click.Choice(["3.1.1", "5"]), default="3.1.1",
-              show_default=True, help="MQTT protocol version.")
+@click.option("--password", default=None, help="Broker password. Visible to every user in "
+              "the process list: prefer --password-file or ZOWARMUP_PASSWORD.")
+@click.option("--password-file", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file holding the broker password (or ZOWARMUP_PASSWORD_FILE, or "
+              "password_file in the config file).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="CA certificate that signed the broker's certificate.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="This agent's client certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="This agent's private key.")
+@click.option("--mqtt", "mqtt", type=click.Choice(["3.1.1", "5"]), default=None,
+              help="MQTT protocol version (default: 3.1.1).")
 @engine_options
-def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, tls_cert,
-        tls_key, protocol, micro_batch, memory_budget, threads, strategy) -> None:
+@click.option("--check-config", is_flag=True, help="Print each setting and where it came "
+              "from (the password masked), then exit without connecting.")
+def run(config_file, password, password_file, check_config, **flags) -> None:
     """Join a fleet: fetch the model, take part in rounds, stay in sync.
 
-    Runs until SIGTERM or Ctrl-C; reconnects by itself after a lost connection.
+    Settings come from flags, environment variables (ZOWARMUP_BROKER, ZOWARMUP_DATA,
+    ZOWARMUP_AGENT_ID, ...: ZOWARMUP_ and the setting's name in capitals) and --config FILE,
+    in that order. Runs until SIGTERM or Ctrl-C; reconnects by itself after a lost
+    connection.
     """
+    settings = resolve_settings(RUN_KEYS, flags, config_file, password, password_file)
+    if check_config:
+        _print_settings(settings)
+        return
+    for key in ("broker", "data"):
+        if settings[key] is None:
+            setting = SETTINGS[key]
+            raise BadSetting(f"no {key}: give {setting.flag}, set {setting.env}, or set {key} "
+                             "in the configuration file (--config)")
+    _run_daemon(settings)
+
+
+def _print_settings(settings: Resolved) -> None:
+    for key, value in settings.values.items():
+        shown = "(not set)" if value is None else json.dumps(
+            value if isinstance(value, (int, float)) else str(value))
+        click.echo(f"{key} = {shown}    # {settings.sources[key]}")
+    password = "(not set)" if settings.password is None else "(set)"
+    click.echo(f"password = {password}    # {settings.password_source}")
+
+
+def _run_daemon(settings: Resolved) -> None:
     import logging
     import signal
     import socket
@@ -106,12 +177,14 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
     from .mqtt import Tls
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    tls = Tls(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert or tls_key) else None
+    s = settings.values
+    files = [str(s[k]) if s[k] else None for k in ("tls_ca", "tls_cert", "tls_key")]
+    tls = Tls(*files) if any(files) else None
     try:
         daemon = AgentDaemon(AgentConfig(
-            broker, data, agent_id or socket.gethostname().split(".")[0], run_id, state_dir,
-            username, password, tls, protocol, micro_batch, threads, strategy=strategy,
-            memory_budget_mb=memory_budget))
+            s["broker"], s["data"], s["id"] or socket.gethostname().split(".")[0], s["run"],
+            s["state_dir"], s["username"], settings.password, tls, s["mqtt"], s["micro_batch"],
+            s["threads"], strategy=s["strategy"], memory_budget_mb=s["memory_budget"]))
     except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -130,27 +203,28 @@ def run(broker, data, agent_id, run_id, state_dir, username, password, tls_ca, t
 @click.option("--directions", "-s", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Directions per round (the fleet's s).")
 @engine_options
-def bench(model_dir, data, directions, micro_batch, memory_budget, threads, strategy) -> None:
+@config_option
+def bench(model_dir, data, directions, config_file, **flags) -> None:
     """Time one ZO round on this device and report its peak memory, as JSON.
 
     Run it before a device joins a fleet: if `round_s` is longer than the fleet's
     round deadline, or `peak_rss_mb` near the device's memory, lower --micro-batch or
-    keep the device out.
+    keep the device out. With --config (or the ZOWARMUP_ variables) it runs the engine
+    settings the agent would.
     """
-    import json
-
     from protocols.errors import ZoError
 
     from . import memory
     from .engine import ZoEngine
     from .shard import load_shard
 
+    s = resolve_settings(ENGINE_KEYS, flags, config_file).values
     try:
         from protocols.manifest import load_manifest
         manifest = load_manifest(model_dir)
-        engine = ZoEngine(model_dir, load_shard(data, manifest), micro_batch=micro_batch,
-                          threads=threads, manifest=manifest, strategy=strategy,
-                          memory_budget_mb=memory_budget)
+        engine = ZoEngine(model_dir, load_shard(data, manifest), micro_batch=s["micro_batch"],
+                          threads=s["threads"], manifest=manifest, strategy=s["strategy"],
+                          memory_budget_mb=s["memory_budget"])
     except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     memory.trim()
@@ -163,7 +237,7 @@ def bench(model_dir, data, directions, micro_batch, memory_budget, threads, stra
     click.echo(json.dumps({
         "model": manifest.model, "parameters": manifest.num_parameters,
         "samples": out.samples, "directions": directions, "micro_batch": engine.micro_batch,
-        "memory_budget_mb": memory_budget,
+        "memory_budget_mb": s["memory_budget"],
         "strategy": engine.strategy,
         "threads": engine.threads,
         "forward_s": round(forward_s, 4), "round_s": round(out.seconds, 4),
