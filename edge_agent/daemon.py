@@ -18,17 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocols.agent_session import AgentSession, Apply, Compute, LoadModel, Refused
-from protocols.errors import ProtocolError
+from protocols.errors import ProtocolError, ZoError
 from protocols.messages import Capabilities
 from protocols.topics import Send
 
 from . import memory
+from .blackbox import open_blackbox
 from .download import ModelDownload, parse_announced_manifest
 from .engine import ZoEngine
 from .mqtt import ConnectFailed, MqttTransport, Tls, Will
+from .prompt_engine import build_engine
 from .shard import load_shard
 
 log = logging.getLogger("zowarmup.agent")
+BLACKBOX_ENV = "ZOWARMUP_BLACKBOX"
 
 
 @dataclass(frozen=True)
@@ -160,14 +163,19 @@ class AgentDaemon:
         start = event.start
         log.info("round %d: %d direction(s) over %d samples", start.round, len(event.seeds),
                  self.samples)
-        out = self.engine.round(event.seeds, start.eps, start.local_steps, start.local_lr)
+        try:
+            out = self.engine.round(event.seeds, start.eps, start.local_steps, start.local_lr)
+        except ZoError as exc:  # a black box that refused (budget) or cannot be reached
+            log.error("round %d: %s; no result sent", start.round, exc)
+            return self.session.skipped()
         if not (math.isfinite(out.loss) and all(math.isfinite(g) for g in out.scalars)):
             log.error("round %d: the loss is not finite on this shard (loss %s): the model has "
                       "diverged; no result sent. Lower the run's ZO learning rate.",
                       start.round, out.loss)
             return self.session.skipped()
         log.info("round %d: done in %.2f s, loss %.4f", start.round, out.seconds, out.loss)
-        return self.session.computed(start, out.scalars, out.samples, out.loss, out.seconds)
+        return self.session.computed(start, out.scalars, out.samples, out.loss, out.seconds,
+                                     out.queries)
 
     def _start_download(self, event: LoadModel) -> None:
         announce = event.announce
@@ -194,10 +202,11 @@ class AgentDaemon:
         try:
             download.finish()
             shard = load_shard(self.config.data, download.manifest)
-            engine = ZoEngine(download.directory, shard, announce.spec,
-                              micro_batch=self.config.micro_batch, threads=self.config.threads,
-                              manifest=download.manifest, strategy=self.config.strategy,
-                              memory_budget_mb=self.config.memory_budget_mb)
+            engine = build_engine(download.directory, shard, announce.spec, self._blackbox(),
+                                  micro_batch=self.config.micro_batch,
+                                  threads=self.config.threads, manifest=download.manifest,
+                                  strategy=self.config.strategy,
+                                  memory_budget_mb=self.config.memory_budget_mb)
             if announce.snapshot:
                 engine.load_weights(download.directory / announce.snapshot)
         except Exception as exc:  # noqa: BLE001 - a model we cannot load must not stop us
@@ -208,6 +217,16 @@ class AgentDaemon:
         log.info("model ready: %d parameters, state version %d, fingerprint %s",
                  download.manifest.num_parameters, announce.version, fp[:12])
         self._handle(self.session.model_loaded(announce.model_sha256, announce.version, fp))
+
+    def _blackbox(self):
+        """How to open the black box a prompt-tuning run queries: ZOWARMUP_BLACKBOX (an
+        endpoint URL, with the key in ZOWARMUP_API_KEY, or a black-box directory); None
+        when it is not set, which only a prompt model minds."""
+        address = os.environ.get(BLACKBOX_ENV, "")
+        if not address:
+            return None
+        return lambda: open_blackbox(address, self.config.agent_id,
+                                     threads=self.config.threads)
 
 
 def _count_samples(path: Path) -> int:

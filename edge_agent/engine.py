@@ -49,6 +49,7 @@ class RoundOutput:
     samples: int
     seconds: float
     undo_elements: int  # the largest undo log of the round, in elements
+    queries: int = 0  # black-box API calls of the round (prompt tuning)
 
 
 # Address space, not memory: only pages in use become resident, plus the arena's index of

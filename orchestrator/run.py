@@ -159,6 +159,9 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     if rd.state()["phase"] == "new":
         rd.set_state(simulate=simulate)
     simulate = bool(rd.state().get("simulate", simulate))  # a resume keeps the run's mode
+    if config.run.method == "bbpt":  # black-box prompt tuning: no warm-up, no pivot
+        from .bbpt_phase import execute_bbpt
+        return execute_bbpt(config, rd, local_agents, simulate)
     if config.run.method == "zowarmup-hi-fo" and not simulate:
         raise RunError("run.method = \"zowarmup-hi-fo\" runs only simulated (--simulate, or "
                        "zowarmup experiment): its high-resource clients send whole models "

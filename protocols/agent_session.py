@@ -162,11 +162,11 @@ class AgentSession:
         return self.connected()[1:] + self._resume()
 
     def computed(self, start: RoundStart, scalars: tuple[float, ...], samples: int,
-                 loss: float, compute_s: float) -> list[Event]:
+                 loss: float, compute_s: float, queries: int = 0) -> list[Event]:
         self._busy = False
         result = Result(self.agent_id, start.round, start.assignments[self.agent_id],
                         tuple(float(s) for s in scalars), samples, self.fingerprint,
-                        float(loss), float(compute_s))
+                        float(loss), float(compute_s), int(queries))
         return [self._send("result", result)] + self._resume()
 
     def skipped(self) -> list[Event]:

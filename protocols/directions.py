@@ -31,7 +31,8 @@ from .errors import ProtocolError
 
 RADEMACHER = "rademacher"
 GAUSSIAN = "gaussian"
-DISTRIBUTIONS = (RADEMACHER, GAUSSIAN)
+CATEGORICAL = "categorical"  # discrete prompts: policy-gradient draws (protocols/prompts.py)
+DISTRIBUTIONS = (RADEMACHER, GAUSSIAN, CATEGORICAL)
 
 # Parameters generated per step. A multiple of 256 (one Philox block of Rademacher signs),
 # small enough to stay in cache, big enough that numpy's per-call overhead vanishes.
@@ -89,6 +90,7 @@ def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, cou
     """The float32 direction values ``z[start:start+count]`` of one tensor (start % 256 == 0)."""
     if start % _BLOCK_PARAMS:
         raise ValueError(f"chunks start on multiples of {_BLOCK_PARAMS}, got {start}")
+    _no_categorical(spec)
     if spec.distribution == RADEMACHER:
         return _signs(seed, tensor_index, start, count) * np.float32(spec.scale)
     return _gaussian(seed, tensor_index, start, count, spec.scale)
@@ -110,6 +112,7 @@ def scaled_chunks(size: int, alpha: float, spec: DirectionSpec, seed: int, tenso
     """
     if chunk % _BLOCK_PARAMS:
         raise ValueError(f"chunk must be a multiple of {_BLOCK_PARAMS}, got {chunk}")
+    _no_categorical(spec)
     a = np.float32(alpha)
     stream = _stream(seed, tensor_index, 0)
     # fl32(a * (+-scale)) == +-fl32(a * scale): one table of the two signed values serves all.
@@ -121,6 +124,13 @@ def scaled_chunks(size: int, alpha: float, spec: DirectionSpec, seed: int, tenso
             yield start, table.take(signs, axis=0).reshape(-1)[:n]
         else:
             yield start, a * _box_muller(stream.random_raw(n + (n & 1)), spec.scale)[:n]
+
+
+def _no_categorical(spec: DirectionSpec) -> None:
+    """Categorical draws depend on the state, not on the seed alone: no fixed direction."""
+    if spec.distribution == CATEGORICAL:
+        raise ProtocolError("categorical (discrete prompt) steps have no fixed direction; "
+                            "apply them with protocols.prompts.apply_policy_commit", "bad_spec")
 
 
 def axpy(weights: Sequence[np.ndarray], alpha: float, spec: DirectionSpec, seed: int) -> None:

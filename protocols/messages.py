@@ -184,17 +184,19 @@ class Result:
     fingerprint: str
     loss: float = 0.0  # mean of L+ and L- over all directions: the agent's training loss
     compute_s: float = 0.0
+    queries: int = 0  # black-box API calls the round cost (prompt tuning); 0 for plain ZO
 
     def to_wire(self) -> dict:
-        return {"agent_id": self.agent_id, "round": self.round, "seeds": list(self.seeds),
+        wire = {"agent_id": self.agent_id, "round": self.round, "seeds": list(self.seeds),
                 "scalars": list(self.scalars), "samples": self.samples,
                 "fingerprint": self.fingerprint, "loss": self.loss, "compute_s": self.compute_s}
+        return {**wire, "queries": self.queries} if self.queries else wire
 
     @classmethod
     def from_wire(cls, d: dict) -> Result:
         w = "result"
         v.no_extra(d, {"agent_id", "round", "seeds", "scalars", "samples", "fingerprint",
-                       "loss", "compute_s"}, w)
+                       "loss", "compute_s", "queries"}, w)
         seeds = _seeds(v.sequence(d, "seeds", w, MAX_SEEDS_PER_AGENT), w)
         scalars = tuple(v.finite(x, f"{w}: scalar")
                         for x in v.sequence(d, "scalars", w, MAX_SEEDS_PER_AGENT))
@@ -204,7 +206,8 @@ class Result:
         return cls(v.identifier(d, "agent_id", w), v.integer(d, "round", w, 0, _ROUND_MAX),
                    seeds, scalars, v.integer(d, "samples", w, 1, 1 << 40),
                    v.hexdigest(d, "fingerprint", w, _FP), v.number(d, "loss", w, -1e30, 1e30),
-                   v.number(d, "compute_s", w, 0.0, 1e9))
+                   v.number(d, "compute_s", w, 0.0, 1e9),
+                   v.integer(d, "queries", w, 0, 1 << 40) if "queries" in d else 0)
 
 
 def _commit_to_wire(commit: Commit) -> dict:
