@@ -143,8 +143,8 @@ class AgentDaemon:
                 queue += self._compute(event)
             elif isinstance(event, Apply):
                 fp = self.engine.apply(event.commits)
-                log.info("applied commit(s) %s", ", ".join(str(c.commit.round)
-                                                          for c in event.commits))
+                log.info("applied commit(s) %s, fingerprint %s",
+                         ", ".join(str(c.commit.round) for c in event.commits), fp)
                 queue += self.session.applied(event.commits, fp)
             elif isinstance(event, Refused):
                 log.warning("orchestrator refused our message: %s (%s)", event.error.detail,
@@ -214,8 +214,9 @@ class AgentDaemon:
             return
         self.engine = engine
         fp = engine.fingerprint()
-        log.info("model ready: %d parameters, state version %d, fingerprint %s",
-                 download.manifest.num_parameters, announce.version, fp[:12])
+        log.info("model ready: %d parameters, state version %d, fingerprint %s, forward "
+                 "strategy %s", download.manifest.num_parameters, announce.version, fp[:12],
+                 getattr(engine, "strategy", "-"))
         self._handle(self.session.model_loaded(announce.model_sha256, announce.version, fp))
 
     def _blackbox(self):

@@ -15,6 +15,12 @@ import pytest
 from tests.brokers import INSTALL_HINT, MosquittoBroker, find_mosquitto
 
 
+def pytest_addoption(parser):
+    parser.addoption("--arm64", action="store_true", default=False,
+                     help="Also run the arm64 emulation check (scripts/arm64-check, minutes): "
+                     "scripts/test --arm64 -m arm64")
+
+
 def _require_mosquitto() -> str:
     binary = find_mosquitto()
     if binary is None:
