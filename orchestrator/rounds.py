@@ -66,6 +66,7 @@ class RoundServer:
         for topic_filter in self.coordinator.subscriptions():
             transport.subscribe(topic_filter)
         self.uplink_bytes = 0  # everything agents sent
+        self._connects = transport.connects  # to notice a reconnect (the broker came back)
         self.result_bytes = 0  # their round results: the ZO uplink proper
 
     @property
@@ -113,16 +114,29 @@ class RoundServer:
                                  c.fingerprint, self.spec, self.chunk_bytes, snapshot)
         self._send([c.announce(announce)], wait=True)
 
-    def pump(self, seconds: float) -> None:
-        """Handle what agents send for a while (answers go out at once)."""
+    def pump(self, seconds: float, until=None) -> None:
+        """Handle what agents send for a while (answers go out at once), or until
+        ``until()`` holds."""
         end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
+        while (left := end - time.monotonic()) > 0 and not (until and until()):
+            if self.transport.connects != self._connects and self.transport.connected:
+                self._reconnected()
             message = self.transport.get(timeout=min(left, 0.05))
             if message is not None:
                 self.uplink_bytes += len(message.payload)
                 if message.topic.endswith("/result"):
                     self.result_bytes += len(message.payload)
                 self._send(self.coordinator.receive(message.topic, message.payload, time.time()))
+
+    def _reconnected(self) -> None:
+        """The connection came back, perhaps to a broker that restarted without its
+        retained messages: publish the model (or the latest snapshot) again, so agents that
+        join from now on can still load it. Agents that were there resync by hello."""
+        self._connects = self.transport.connects
+        if self._connects > 1:
+            log.warning("reconnected to the broker; publishing the model again")
+            self._snapshot = None  # a restarted broker holds no snapshot to clear
+            self.publish_model(self.chunk_bytes)
 
     def ready_agents(self) -> list[str]:
         """Online agents holding the current state, or the state just before the last commit.
@@ -155,8 +169,9 @@ class RoundServer:
 
     def wait_ready(self) -> None:
         """Pump results until the quorum answered or the deadline passed."""
-        while not self.coordinator.ready(time.time()):
-            self.pump(0.05)
+        c = self.coordinator
+        while not c.ready(time.time()):
+            self.pump(0.05, until=lambda: c.ready(time.time()))
 
     def finish_round(self) -> Commit:
         """Aggregate, apply to our weights, journal durably, then broadcast the commit."""

@@ -438,6 +438,15 @@ class Warmup:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # a full disk, an I/O error: the old one stays
+            Path(tmp).unlink(missing_ok=True)
+            # torch.save reports a failed write as a RuntimeError raised while handling it
+            exc = exc if isinstance(exc, OSError) else exc.__context__
+            if not isinstance(exc, OSError):
+                raise
+            kept = "the previous checkpoint is intact" if path.exists() else "none was written"
+            raise WarmupError(f"cannot write the warm-up checkpoint {path}: "
+                              f"{exc.strerror or exc}; {kept} (free space, then resume)") from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

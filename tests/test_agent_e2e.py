@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,3 +167,41 @@ def test_an_agent_behind_the_kept_commits_catches_up_from_a_snapshot(fleet):
     assert len(commit.pairs) == 6, _logs(tmp_path)
     assert {a: c.agents[a].fingerprint for a in agents} == {a: c.history[-2].fingerprint
                                                             for a in agents}
+
+
+def test_the_broker_killed_and_restarted_mid_round_loses_no_commit(fleet, mosquitto):
+    """SIGKILL the broker while a round is open; it comes back on the same port without
+    its retained messages. Everyone reconnects, the run goes on, every commit is applied
+    exactly once everywhere, and an agent that starts afresh can still load the model."""
+    server, procs, spawn, tmp_path = fleet
+    c = server.coordinator
+    agents = server.wait_for_agents(3, timeout=60)
+    assert len(agents) == 3, _logs(tmp_path)
+    server.run_round(agents)
+    procs["pi2"].kill()  # gone, and it forgets everything: it must fetch the model again
+    procs["pi2"].wait(10)
+    shutil.rmtree(tmp_path / "state2")
+    c.policy = RoundPolicy(eps=1e-2, lr=0.05, directions=2, deadline_s=4.0)
+    server.open_round(["pi0", "pi1"])
+    mosquitto.kill()
+    time.sleep(1.0)
+    mosquitto.start()  # the same port, persistence off: no retained model, no commit
+    server.wait_ready()  # closes at its deadline with whatever got through
+    server.finish_round()
+    c.policy = RoundPolicy(eps=1e-2, lr=0.05, directions=2, deadline_s=60)
+    spawn(2)
+    end = time.time() + 90
+    while time.time() < end and not set(agents) <= set(server.ready_agents()):
+        server.pump(0.2)
+    assert set(agents) <= set(server.ready_agents()), _logs(tmp_path)
+    for _ in range(2):
+        assert len(server.run_round(agents).pairs) == 6, _logs(tmp_path)
+    assert [m.commit.round for m in read_journal(tmp_path / "journal").commits] == \
+        list(range(c.version)) == [m.commit.round for m in c.history]
+    want = fingerprint(server.weights)
+    server.open_round(agents)
+    server.wait_ready()
+    got = {a: r.fingerprint for a, r in c.round_results().items()}
+    assert got == {a: want for a in agents}, _logs(tmp_path)
+    assert "fingerprint_mismatch" not in c.refused, c.refusals
+    assert server.transport.connects >= 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -102,11 +103,14 @@ def test_an_external_mosquitto_gives_the_same_bits(embedded_run, config_file, mo
 
 
 def test_resume_after_sigkill_in_the_zo_phase_gives_the_same_bits(embedded_run, config_file,
-                                                                  tmp_path):
+                                                                  mosquitto, tmp_path):
+    """The orchestrator and its agents are killed mid-phase, leaving a torn last journal
+    record; resume ends on the bits of the run that never stopped."""
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(config_file),
-                             "--out", str(out)], cwd=config_file.parent, env=env,
+                             "--out", str(out), "--broker", mosquitto.url],
+                            cwd=config_file.parent, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     end = time.time() + 120
@@ -120,6 +124,9 @@ def test_resume_after_sigkill_in_the_zo_phase_gives_the_same_bits(embedded_run, 
     assert not (out / "summary.json").exists()
     killed_at = len(read_journal(out / "journal").commits)
     assert 4 <= killed_at < 12
+    with open(out / "journal", "ab") as f:  # a commit record cut short by the crash
+        f.write(struct.pack("<II", 400, 0) + b'{"type":"commit","round":')
+    assert read_journal(out / "journal").torn_bytes >= 33
     again = zowarmup("run", str(config_file), "--out", str(out), cwd=config_file.parent)
     assert again.returncode != 0 and "zowarmup resume" in again.stderr
     done = zowarmup("resume", str(out), cwd=config_file.parent)
