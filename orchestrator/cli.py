@@ -412,9 +412,12 @@ def partition(config_file: Path, out: Path, overrides: tuple[str, ...]) -> None:
               help="Write the table (Markdown, JSON), its plot and the command here.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a field in every run (e.g. --set zo.rounds=20 for a quick look).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Runs at once, each in its own process (on a machine with many cores). "
+                   "The results do not depend on it.")
 @click.option("-v", "--verbose", is_flag=True)
 def experiment(grid_file: Path, results: Path | None, overrides: tuple[str, ...],
-               verbose: bool) -> None:
+               jobs: int, verbose: bool) -> None:
     """Run a grid of configurations x seeds and print one table.
 
     GRID names a base config, the seeds, the axes to sweep and the methods; see
@@ -430,7 +433,7 @@ def experiment(grid_file: Path, results: Path | None, overrides: tuple[str, ...]
     _setup_logging(verbose)
     try:
         grid = load_grid(grid_file, overrides)
-        rows = run_grid(grid)
+        rows = run_grid(grid, jobs)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(markdown(grid, rows))

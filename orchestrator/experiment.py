@@ -200,29 +200,53 @@ def _search(table: object, methods: dict, path: Path) -> Search:
     return Search(validation, tuple(seeds), spaces)
 
 
-def run_grid(grid: Grid) -> list[dict]:
-    """Run the search (if any) and every cell not finished yet; one row per setting/method."""
+def run_grid(grid: Grid, jobs: int = 1) -> list[dict]:
+    """Run the search (if any) and every cell not finished yet; one row per setting/method.
+
+    ``jobs`` runs that many cells at once, each in its own process. Every run trains with
+    one torch thread whatever ``jobs`` is, so its bits do not depend on how the grid ran.
+    """
     logging.getLogger("zowarmup.progress").setLevel(logging.WARNING)  # a line per run instead
-    chosen = search(grid) if grid.search else {}
-    cells = grid.cells(chosen)
-    for i, cell in enumerate(cells, 1):
-        _run(grid, cell, f"run {i}/{len(cells)}")
+    chosen = search(grid, jobs) if grid.search else {}
+    _run_all(grid, grid.cells(chosen), jobs, search=False)
     return table_rows(grid, chosen)
 
 
-def search(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
+def search(grid: Grid, jobs: int = 1) -> dict[tuple[Overrides, str], Overrides]:
     """Run every search cell; the chosen values per (setting, method)."""
     assert grid.search is not None
+    pairs = [(setting, method) for setting in grid.settings() for method in grid.methods]
+    _run_all(grid, [c for s, m in pairs for c in grid.search_cells(s, m)], jobs, search=True)
     chosen = {}
-    for setting in grid.settings():
-        for method in grid.methods:
-            cells = grid.search_cells(setting, method)
-            for i, cell in enumerate(cells, 1):
-                _run(grid, cell, f"search {method} {i}/{len(cells)}", search=True)
-            chosen[(setting, method)] = best_candidate(grid, cells)
-            log.info("search %s %s: chose %s", method, dict(setting),
-                     dict(chosen[(setting, method)]))
+    for setting, method in pairs:
+        chosen[(setting, method)] = best_candidate(grid, grid.search_cells(setting, method))
+        log.info("search %s %s: chose %s", method, dict(setting),
+                 dict(chosen[(setting, method)]))
     return chosen
+
+
+def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool) -> None:
+    kind = "search" if search else "run"
+    todo = [(i, c) for i, c in enumerate(cells, 1) if not _finished(grid, c, search)]
+    if jobs <= 1:
+        for i, cell in todo:
+            _run(grid, cell, f"{kind} {i}/{len(cells)}", search)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
+                                initializer=_job_logging) as pool:
+        futures = [pool.submit(_run, grid, cell, f"{kind} {i}/{len(cells)}", search, 1)
+                   for i, cell in todo]
+        for future in cf.as_completed(futures):
+            future.result()  # an error in any run stops the grid, with its message
+
+
+def _job_logging() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("zowarmup.progress", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def best_candidate(grid: Grid, cells: list[Cell]) -> Overrides:
@@ -239,16 +263,26 @@ def best_candidate(grid: Grid, cells: list[Cell]) -> Overrides:
 DIVERGED = "diverged.json"
 
 
-def _run(grid: Grid, cell: Cell, label: str, search: bool = False) -> None:
-    from .run import SUMMARY, RunError, execute
+def _finished(grid: Grid, cell: Cell, search: bool) -> bool:
+    from .run import SUMMARY
+    run_dir = cell.directory(grid.search_root() if search else grid.out)
+    return (run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists()
+
+
+def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
+         workers: int | None = None) -> None:
+    import torch
+
+    from .run import RunError, execute
+    torch.set_num_threads(1)
     root = grid.search_root() if search else grid.out
     run_dir = cell.directory(root)
-    if (run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists():
+    if _finished(grid, cell, search):
         return
     config = grid.config(cell, grid.search.validation if search else 0.0, root)
     log.info("%s: %s", label, run_dir)
     try:
-        summary = execute(config, run_dir, simulate=True)
+        summary = execute(config, run_dir, simulate=True, workers=workers)
     except RunError as exc:
         if not search or "diverged" not in str(exc):
             raise

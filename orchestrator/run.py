@@ -149,8 +149,13 @@ class RunDir:
 
 
 def execute(config: Config, run_dir: Path, progress: Progress | None = None,
-            local_agents: int | None = None, simulate: bool = False) -> dict:
-    """Run (or continue) the whole job in ``run_dir``; returns the summary."""
+            local_agents: int | None = None, simulate: bool = False,
+            workers: int | None = None) -> dict:
+    """Run (or continue) the whole job in ``run_dir``; returns the summary.
+
+    ``workers``: processes of a simulated ZO phase (default: one per core); the bits do
+    not depend on it.
+    """
     from .warmup_phase import run_warmup
     from .zo_phase import run_zo
     rd = RunDir(run_dir)
@@ -171,7 +176,8 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     started = time.time() - float(rd.state().get("wall_s", 0.0))
     model = run_warmup(config, plan, rd, progress, started)
     if plan.zo_rounds:
-        weights = run_zo(config, plan, rd, model, progress, started, local_agents, simulate)
+        weights = run_zo(config, plan, rd, model, progress, started, local_agents, simulate,
+                         workers)
         sha = weights_sha256(weights)
     else:
         sha = _torch_sha256(model)

@@ -38,13 +38,13 @@ log = logging.getLogger("zowarmup.zo")
 
 
 def run_zo(config: Config, plan: Plan, rd: RunDir, model, progress: Progress,
-           started: float, local_agents: int | None, simulate: bool = False
-           ) -> list[np.ndarray]:
+           started: float, local_agents: int | None, simulate: bool = False,
+           workers: int | None = None) -> list[np.ndarray]:
     history = journal_commits(rd.path / "journal")
     rd.keep_metrics(below_round=plan.warmup_rounds + len(history))
     progress.skip(plan.warmup_rounds + len(history))
     if simulate:
-        return _simulated(config, plan, rd, progress, started, history)
+        return _simulated(config, plan, rd, progress, started, history, workers)
     with ExitStack() as stack:
         url = config.fleet.broker
         if not url:
@@ -76,7 +76,7 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, model, progress: Progress,
 
 
 def _simulated(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: float,
-               history: list) -> list[np.ndarray]:
+               history: list, workers: int | None = None) -> list[np.ndarray]:
     """The same rounds without a broker: coordinator in process, engines in workers."""
     from .simulate import Simulation
     policy, spec = round_policy(config)
@@ -89,8 +89,8 @@ def _simulated(config: Config, plan: Plan, rd: RunDir, progress: Progress, start
         journal = open_journal(rd.path / "journal", config.run.name)
         stack.callback(journal.close)
         sim = Simulation(rd.path / "model", shards, config.run.name, config.run.seed, policy,
-                         spec, config.zo.micro_batch, history=history, journal=journal,
-                         deltas=deltas)
+                         spec, config.zo.micro_batch, workers=workers, history=history,
+                         journal=journal, deltas=deltas)
         stack.callback(sim.close)
         if hilo:
             from .hilo import FirstOrderPart, HiLoRounds

@@ -131,3 +131,18 @@ def test_the_validation_split_comes_from_training_data_only():
     test_rows = {r.tobytes() for r in plain.dataset.x_test}
     assert not any(r.tobytes() in test_rows for r in x_val)
     assert set(held.evaluation_sets()) == {"test", "val"}
+
+
+def test_parallel_jobs_give_the_bits_of_one_job(tmp_path, monkeypatch):
+    from orchestrator.experiment import load_grid, run_grid
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(BASE)
+    sha = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"runs-{jobs}"
+        (tmp_path / "grid.toml").write_text(GRID.format(out=out).replace(
+            '"25/75", "75/25"', '"50/50"'))
+        run_grid(load_grid(tmp_path / "grid.toml"), jobs=jobs)
+        sha[jobs] = {p.relative_to(out): json.loads(p.read_text())["final_sha256"]
+                     for p in out.rglob("summary.json")}
+    assert len(sha[1]) == 4 and sha[1] == sha[2]
