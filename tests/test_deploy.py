@@ -101,9 +101,10 @@ def test_the_example_settings_are_what_the_agent_accepts(tmp_path):
     for directory in ("/etc/zowarmup", "/var/lib/zowarmup"):
         text = text.replace(directory, str(tmp_path / directory.strip("/")))
         (tmp_path / directory.strip("/")).mkdir(parents=True)
-    for path in map(Path, re.findall(r'"(/[^"]+)"', text)):
-        if not path.is_dir():
-            path.write_text("secret\n")
+    files = re.findall(r'^\w+ = "(/[^"]+|[\w.]+\.(?:crt|key)|password)"', text, re.M)
+    assert {"password", "ca.crt", "client.crt", "client.key"} <= set(files)
+    for name in files:  # relative paths are taken from the file's directory
+        (tmp_path / name if not name.startswith("/") else Path(name)).write_text("secret\n")
     np.savez(tmp_path / "var/lib/zowarmup/shard.npz", x=np.zeros((1, 1), np.float32),
              y=np.zeros(1, np.int64))
     config = tmp_path / "agent.toml"
