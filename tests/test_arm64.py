@@ -1,9 +1,9 @@
 """The agent on 64-bit ARM, from the test command on demand: `scripts/test --arm64 -m arm64`.
 
 scripts/arm64-check builds (or reuses) an emulated arm64 Debian, installs the agent's wheel
-there with the device dependencies, runs the selftest and a fleet of an x86 orchestrator,
-an x86 agent and an arm64 agent. It takes minutes, so the default run does not start it
-and reports it as skipped, never as passed.
+there with the device dependencies, runs the selftest, a fleet of an x86 orchestrator, an
+x86 agent and an arm64 agent, and the native-layout check of the zoo's models. It takes
+minutes, so the default run does not start it and reports it as skipped, never as passed.
 """
 
 from __future__ import annotations
@@ -28,4 +28,6 @@ def test_the_agent_installs_on_arm64_and_holds_the_orchestrators_bits(request):
     assert done.returncode == 0, output[-6000:]
     assert re.search(r"selftest ok \(aarch64 Linux", output), output[-6000:]
     assert "fingerprints equal on x86 and arm64 after every round" in output, output[-6000:]
+    for model in ("cnn", "vit", "resnet18-gn"):  # the native layouts, model by model
+        assert re.search(rf"^{model}: equal$", output, re.M), output[-6000:]
     assert "DIFFERENT" not in output
