@@ -442,6 +442,63 @@ def experiment(grid_file: Path, results: Path | None, overrides: tuple[str, ...]
             click.echo(f"wrote {path}")
 
 
+@main.command("serve-model")
+@click.argument("model_dir", metavar="BLACKBOX_DIR",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8600, show_default=True,
+              help="Port to listen on (0: a free one, printed).")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File holding the API key devices must send (or set ZOWARMUP_API_KEY).")
+@click.option("--max-request-mb", type=click.FloatRange(0.001, 1024), default=4.0,
+              show_default=True, help="Largest request body, checked before it is read.")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=1024, show_default=True,
+              help="Most inputs scored by one query.")
+@click.option("--rate", type=click.FloatRange(0.001, 1e6), default=100.0, show_default=True,
+              help="Queries per second each device may make (refused with 429 above it).")
+@click.option("--burst", type=click.IntRange(1, 1_000_000), default=50, show_default=True,
+              help="Queries a device may send at once before the rate applies.")
+@click.option("--budget", type=click.IntRange(0), default=0, show_default=True,
+              help="Queries each device may make in all (403 after); 0 = no budget.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="ONNX Runtime threads per query (default: 1).")
+def serve_model(model_dir: Path, host: str, port: int, api_key_file: Path | None,
+                max_request_mb: float, max_batch: int, rate: float, burst: int, budget: int,
+                threads: int | None) -> None:
+    """Serve a frozen model behind the black-box scoring API, until Ctrl-C.
+
+    BLACKBOX_DIR holds blackbox.json and the frozen graph (a prompt-tuning run writes
+    one as blackbox/). Devices POST inputs and labels to /v1/score with
+    'Authorization: Bearer KEY' and 'X-Zowarmup-Device: ID' and get back the loss and
+    the correct count, never the weights; see protocols/scoring.py.
+    """
+    import os
+
+    from .serve_model import Limits, ModelServer, ScoringService
+    key = (api_key_file.read_text().strip() if api_key_file
+           else os.environ.get("ZOWARMUP_API_KEY", ""))
+    if not key:
+        raise click.UsageError("no API key: give --api-key-file FILE or set ZOWARMUP_API_KEY")
+    limits = Limits(int(max_request_mb * 2**20), max_batch, rate, burst, budget)
+    try:
+        server = ModelServer(ScoringService(model_dir, key, limits, threads), host, port)
+    except (ZoError, ValueError, OSError) as exc:
+        raise click.ClickException(f"cannot serve {model_dir}: {exc}") from None
+    server.start()
+    spec = server.service.spec
+    click.echo(f"serving {spec.name} ({spec.input_dtype} [batch, "
+               f"{', '.join(map(str, spec.input_shape))}], {spec.num_classes} classes) at "
+               f"{server.url}; Ctrl-C stops it", nl=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+        for device, count in server.service.queries().items():
+            click.echo(f"{device}: {count} queries")
+
+
 def _register_report() -> None:
     try:
         from .report import report_command

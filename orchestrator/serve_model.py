@@ -200,8 +200,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in extra.items():
             self.send_header(name, value)
-        if status >= 400 and status != 429:
-            self.send_header("Connection", "close")  # the unread body must not be parsed
+        if status >= 400:  # the body may be unread: it must not be parsed as a request
+            self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
