@@ -15,6 +15,7 @@ paste into tickets.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import stat
 import sys
@@ -189,8 +190,8 @@ def _check(setting: Setting, value: object, where: str, base: Path) -> object:
             top = f"..{_number(setting.high)}" if setting.high is not None else " or more"
             raise ConfigError(f"{where} is {_number(value)}; it must be "
                               f"{_number(setting.low)}{top}")
-        if kind == "float" and value != value:  # NaN passes both comparisons
-            raise ConfigError(f"{where} is not a number")
+        if kind == "float" and not math.isfinite(value):  # NaN passes both comparisons
+            raise ConfigError(f"{where} is {value}, not a finite number")
         return value
     if not value.strip():
         raise ConfigError(f"{where} is empty")
