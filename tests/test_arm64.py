@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.arm64
 
 
+@pytest.mark.arm64
 def test_the_agent_installs_on_arm64_and_holds_the_orchestrators_bits(request):
     if not request.config.getoption("--arm64"):
         pytest.skip("NOT RUN: the arm64 emulation check takes minutes; run it with "
@@ -31,3 +31,17 @@ def test_the_agent_installs_on_arm64_and_holds_the_orchestrators_bits(request):
     for model in ("cnn", "vit", "resnet18-gn"):  # the native layouts, model by model
         assert re.search(rf"^{model}: equal$", output, re.M), output[-6000:]
     assert "DIFFERENT" not in output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "--rounds must be a positive integer"),
+    (["--rounds", "x"], "--rounds must be a positive integer"),
+    (["--bogus"], "unknown argument: --bogus"),
+])
+def test_the_check_refuses_bad_arguments_before_it_touches_anything(args, message, tmp_path):
+    root = tmp_path / "root"
+    done = subprocess.run([str(ROOT / "scripts" / "arm64-check"), *args], capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                      "ZOWARMUP_ARM64_ROOT": str(root)})
+    assert done.returncode == 2 and message in done.stderr
+    assert not root.exists()
