@@ -85,19 +85,14 @@ def export_prompt_generator(generator: nn.Module, out_dir: str | Path,
 def export_discrete_prompt(out_dir: str | Path, candidates: np.ndarray, tokens: int,
                            text_length: int, num_classes: int,
                            model_name: str = "discrete-prompt") -> Manifest:
-    """Write a discrete prompt's directory: the logits and the graph that inserts a draw.
-
-    The logits start uniform, except that an empty candidate (token 0, first) starts with
-    half of each position's probability: the most likely untuned prompt is no prompt.
-    """
+    """Write a discrete prompt's directory: uniform logits and the graph that inserts a
+    draw after each input's first token."""
     candidates = np.asarray(candidates, dtype=np.int64)
     if candidates.ndim != 1 or candidates.size < 2 or text_length < 2 or tokens < 1:
         raise ExportError("a discrete prompt needs 2+ candidates, 1+ tokens and inputs of "
                           "2+ tokens")
     graph = _insert_graph(candidates, tokens, text_length)
     logits = np.zeros((tokens, candidates.size), dtype=np.float32)
-    if candidates[0] == 0:  # the empty candidate starts as likely as all others together
-        logits[:, 0] = np.log(candidates.size - 1)
     manifest = make_manifest(graph, ["prompt_logits"], [logits], model_name=model_name,
                              input_shape=(text_length,), num_classes=num_classes)
     return write_prompt_dir(out_dir, graph, [logits], manifest)

@@ -26,7 +26,6 @@ from .zoo import build_model
 TEXT_TEMPLATE = "This news article is about {}."
 TEXT_SCALE = 20.0
 PROMPT_TRAINABLE = r"^(decoder|prompt)\b"  # what a device trains; the encoder is baked in
-PAD_ID = 0  # the empty candidate: the black box's attention and pooling skip it
 FIRST_WORD_ID = 1996  # BERT's uncased vocabulary: ids below are special, unused or symbols
 
 
@@ -111,9 +110,7 @@ class ZeroShotText(nn.Module):
 
 
 def candidate_tokens(ids: np.ndarray, count: int) -> np.ndarray:
-    """What each prompt position chooses from: the empty token (padding, which the black
-    box's attention skips, so a position may stay empty and the untuned prompt can fall
-    back to the zero-shot input), then the ``count - 1`` most frequent whole words (3+
+    """What each prompt position chooses from: the ``count`` most frequent whole words (3+
     letters) of the training token ids, as BDPL draws its candidates from the data."""
     tokenizer = load_tokenizer()
     values, counts = np.unique(ids.astype(np.int64), return_counts=True)
@@ -121,7 +118,7 @@ def candidate_tokens(ids: np.ndarray, count: int) -> np.ndarray:
     words = tokenizer.convert_ids_to_tokens([int(v) for v in values[order]])
     picked = [int(values[i]) for i, word in zip(order, words)
               if values[i] >= FIRST_WORD_ID and word.isalpha() and len(word) >= 3]
-    if len(picked) < count - 1:
+    if len(picked) < count:
         raise ValueError(f"the training texts hold {len(picked)} distinct words, fewer than "
-                         f"the {count - 1} word candidates asked for")
-    return np.asarray([PAD_ID, *picked[:count - 1]], dtype=np.int64)
+                         f"the {count} candidates asked for")
+    return np.asarray(picked[:count], dtype=np.int64)

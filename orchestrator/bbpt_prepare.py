@@ -41,10 +41,9 @@ class Prepared:
 
     def describe_prompt(self, weights: Sequence[np.ndarray]) -> list[str]:
         """The tuned discrete prompt, as tokens (the most likely candidate per position)."""
-        from .bbpt_models import PAD_ID, load_tokenizer
+        from .bbpt_models import load_tokenizer
         ids = [self.candidates[i] for i in best(weights[0])]
-        words = load_tokenizer().convert_ids_to_tokens(ids)
-        return ["(empty)" if i == PAD_ID else w for i, w in zip(ids, words)]
+        return load_tokenizer().convert_ids_to_tokens(ids)
 
 
 def load_task(config: Config) -> Task:

@@ -321,7 +321,7 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
         key = (cell.setting, cell.method)
         row = rows.setdefault(key, {
             "dataset": summary["dataset"], "model": summary["model"],
-            "split": config.data.split, "method": cell.method,
+            "split": summary.get("split", config.data.split), "method": cell.method,
             "setting": {k: v for k, v in cell.setting}, "chosen": dict(cell.tuned),
             "seeds": [], "accuracies": []})
         row["seeds"].append(cell.seed)
