@@ -75,6 +75,7 @@ class LocalBlackBox(BlackBox):
         except FileNotFoundError:
             raise BlackBoxError(f"{directory} holds no {SPEC_FILE}: not a black-box "
                                 "directory", "missing_file") from None
+        _check_files(directory, self.spec)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads or 1
@@ -89,6 +90,19 @@ class LocalBlackBox(BlackBox):
             "x": x, "y": np.ascontiguousarray(labels, dtype=np.int64)})
         self.queries += 1
         return Score(float(loss), int(correct), int(x.shape[0]))
+
+
+def _check_files(directory: Path, spec: BlackBoxSpec) -> None:
+    """The graph must be the file the spec was sealed with (size and SHA-256)."""
+    from protocols.manifest import file_sha256
+    info = spec.files.get(spec.graph)
+    path = directory / spec.graph
+    if info is None or not path.is_file():
+        raise BlackBoxError(f"{directory}: {SPEC_FILE} lists no graph {spec.graph!r}, or the "
+                            "file is missing", "missing_file")
+    if path.stat().st_size != info.get("bytes") or file_sha256(path) != info.get("sha256"):
+        raise BlackBoxError(f"{path} is not the graph {SPEC_FILE} was written for (size or "
+                            "SHA-256 differs)", "bad_file")
 
 
 class RemoteBlackBox(BlackBox):

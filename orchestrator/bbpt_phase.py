@@ -88,7 +88,10 @@ def _blackbox_address(config: Config, rd: RunDir, stack: ExitStack):
                     budget=config.bbpt.budget)
     endpoint = ModelServer(ScoringService(directory, key, limits, threads=2)).start()
     stack.callback(endpoint.stop)
-    log.info("black box served at %s", endpoint.url)
+    key_file = rd.path / "blackbox.key"  # for devices started by hand (`zowarmup serve`)
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+    log.info("black box served at %s (its API key in %s)", endpoint.url, key_file)
     return endpoint.url, key, endpoint
 
 

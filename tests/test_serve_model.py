@@ -189,3 +189,12 @@ def test_the_serve_model_command_serves_until_interrupted(box_dir, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert "pi-7: 1 queries" in out
+
+
+def test_a_black_box_whose_graph_was_swapped_is_refused(box_dir, tmp_path):
+    other = linear_blackbox(tmp_path / "other", features=6, classes=3, seed=9)
+    (box_dir / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
+    with pytest.raises(BlackBoxError, match="SHA-256"):
+        LocalBlackBox(box_dir)
+    with pytest.raises(BlackBoxError, match="blackbox.json"):
+        LocalBlackBox(tmp_path)
