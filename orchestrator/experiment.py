@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,20 +227,51 @@ def search(grid: Grid, jobs: int = 1) -> dict[tuple[Overrides, str], Overrides]:
 
 
 def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool) -> None:
+    """Run the cells not finished yet; a cell whose run would be the same as an earlier
+    one's (ZO from scratch ignores the split) links to that run instead of repeating it."""
     kind = "search" if search else "run"
-    todo = [(i, c) for i, c in enumerate(cells, 1) if not _finished(grid, c, search)]
+    first: dict[str, Cell] = {}
+    copies: list[tuple[Cell, Cell]] = []
+    todo = []
+    for i, cell in enumerate(cells, 1):
+        key = _same_run_key(grid, cell, search)
+        if key in first:
+            copies.append((cell, first[key]))
+        else:
+            first[key] = cell
+            if not _finished(grid, cell, search):
+                todo.append((i, cell))
     if jobs <= 1:
         for i, cell in todo:
             _run(grid, cell, f"{kind} {i}/{len(cells)}", search)
-        return
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
-                                initializer=_job_logging) as pool:
-        futures = [pool.submit(_run, grid, cell, f"{kind} {i}/{len(cells)}", search, 1)
-                   for i, cell in todo]
-        for future in cf.as_completed(futures):
-            future.result()  # an error in any run stops the grid, with its message
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=_job_logging) as pool:
+            futures = [pool.submit(_run, grid, cell, f"{kind} {i}/{len(cells)}", search, 1)
+                       for i, cell in todo]
+            for future in cf.as_completed(futures):
+                future.result()  # an error in any run stops the grid, with its message
+    root = grid.search_root() if search else grid.out
+    for cell, same in copies:
+        link, target = cell.directory(root), same.directory(root)
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def _same_run_key(grid: Grid, cell: Cell, search: bool) -> str:
+    """What decides a run's bits: its config without its name and directory, and without
+    what its method ignores (ZO from scratch: the split and the warm-up)."""
+    root = grid.search_root() if search else grid.out
+    data = grid.config(cell, grid.search.validation if search else 0.0, root).to_dict()
+    data["run"].pop("out", None)
+    data["run"].pop("name", None)
+    if data["run"].get("method") == "zo-scratch":
+        data.pop("warmup", None)
+        data["data"].pop("split", None)
+    return json.dumps(data, sort_keys=True, default=str)
 
 
 def _job_logging() -> None:

@@ -146,3 +146,20 @@ def test_parallel_jobs_give_the_bits_of_one_job(tmp_path, monkeypatch):
         sha[jobs] = {p.relative_to(out): json.loads(p.read_text())["final_sha256"]
                      for p in out.rglob("summary.json")}
     assert len(sha[1]) == 4 and sha[1] == sha[2]
+
+
+def test_a_run_the_split_does_not_change_is_run_once(tmp_path, monkeypatch):
+    from orchestrator.experiment import load_grid, run_grid
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "grid.toml").write_text(GRID.format(out=tmp_path / "runs").replace(
+        "seeds = [0, 1]", "seeds = [0]").replace(
+        '"ZOWarmUp" = {{ "run.method" = "zowarmup" }}'.replace("{{", "{").replace("}}", "}"),
+        '"ZO from scratch" = { "run.method" = "zo-scratch" }'))
+    rows = run_grid(load_grid(tmp_path / "grid.toml"))
+    scratch = [r for r in rows if r["method"] == "ZO from scratch"]
+    assert len(scratch) == 2 and scratch[0]["accuracies"] == scratch[1]["accuracies"]
+    dirs = sorted((tmp_path / "runs").glob("split=*/ZO-from-scratch/seed-0"))
+    assert len(dirs) == 2 and sum(d.is_symlink() for d in dirs) == 1
+    hro = sorted((tmp_path / "runs").glob("split=*/High-Res-Only/seed-0"))
+    assert len(hro) == 2 and not any(d.is_symlink() for d in hro)
