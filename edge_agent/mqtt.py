@@ -24,6 +24,7 @@ What it takes care of:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -284,7 +285,11 @@ class MqttTransport:
     def _shutdown(self) -> None:
         self.client.disconnect()
         if self._started:
-            self.client.loop_stop()
+            # paho's network thread clears its own handle when it ends after the DISCONNECT;
+            # loop_stop may find the handle, then lose it before joining (AttributeError).
+            # Either way the thread has ended.
+            with contextlib.suppress(AttributeError):
+                self.client.loop_stop()
             self._started = False
         self._connected.clear()
 
