@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,8 +112,12 @@ def test_devices_tune_a_prompt_against_an_endpoint_they_hold_no_weights_of(
     log = (out / "agents" / "client-000" / "agent.log").read_text()
     assert "round 5: done" in log and str(out / "blackbox") not in log
 
-    # the same run simulated (the same coordinator and engines, no broker) ends on its bits
+    # the same prepared run simulated (the coordinator and engines, no broker) ends on its bits
     sim = tmp_path / "simulated"
+    for part in ("blackbox", "model", "shards"):
+        shutil.copytree(out / part, sim / part)
+    state = json.loads((out / "state.json").read_text())
+    (sim / "state.json").write_text(json.dumps({**state, "phase": "new", "wall_s": 0.0}))
     done = zowarmup("run", str(image_config), "--out", str(sim), "--simulate", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert summary_of(sim)["final_sha256"] == s["final_sha256"]
@@ -136,6 +141,7 @@ method = "bbpt"
 dataset = "bbc-news"
 clients = 2
 alpha = 1.0
+test_fraction = 0.05
 
 [zo]
 rounds = 2
