@@ -193,7 +193,6 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     fleet: FleetSection = field(default_factory=FleetSection)
     bbpt: BbptSection = field(default_factory=BbptSection)
-    bbpt: BbptSection = field(default_factory=BbptSection)
 
     def to_dict(self) -> dict:
         """A plain nested dict of every field; fields that are None are left out."""
@@ -626,34 +625,6 @@ def _cross_checks(config: Config, where: str) -> None:
                           "(leave it out for one per client)", "fleet.local_agents")
     _check_fleet(fleet, where)
     _check_bbpt(config, where)
-    _check_bbpt(config, where)
-
-
-def _check_bbpt(config: Config, where: str) -> None:
-    """Prompt tuning fits its tasks: images with continuous prompts, text with discrete ones."""
-    b, dataset = config.bbpt, config.data.dataset
-    if config.run.method != "bbpt":
-        if dataset == "bbc-news":
-            raise ConfigError(f"{where}: data.dataset = \"bbc-news\" is a text set for "
-                              "black-box prompt tuning; use run.method = \"bbpt\"",
-                              "data.dataset")
-        return
-    want = {"digits": "continuous", "bbc-news": "discrete"}.get(dataset)
-    if want != b.prompt:
-        raise ConfigError(f"{where}: bbpt.prompt = {_toml_string(b.prompt)} with data.dataset "
-                          f"= {_toml_string(dataset)}; prompt tuning runs continuous prompts "
-                          "on \"digits\" and discrete prompts on \"bbc-news\"", "bbpt.prompt")
-    if b.train_clients > config.data.clients:
-        raise ConfigError(f"{where}: bbpt.train_clients = {b.train_clients} exceeds "
-                          f"data.clients = {config.data.clients}", "bbpt.train_clients")
-    if b.prompt == "discrete":
-        if config.zo.local_steps != 1 or config.zo.directions < 2:
-            raise ConfigError(f"{where}: discrete prompts take one policy step per round from "
-                              "2 or more draws: zo.local_steps = 1 and zo.directions >= 2",
-                              "zo.directions")
-        if b.tokens + 2 > b.max_tokens:
-            raise ConfigError(f"{where}: bbpt.tokens = {b.tokens} leaves no text in "
-                              f"bbpt.max_tokens = {b.max_tokens}", "bbpt.tokens")
 
 
 def _check_bbpt(config: Config, where: str) -> None:

@@ -87,7 +87,6 @@ class Simulation:
     def __init__(self, model_dir: Path, shards: dict[str, Path], run_id: str, seed: int,
                  coordinator_policy, spec: DirectionSpec, micro_batch: int = 64,
                  engine_factory=None,
-                 engine_factory=None,
                  workers: int | None = None, history: Sequence[CommitMessage] = (),
                  journal=None, deltas: dict[int, list[np.ndarray]] | None = None) -> None:
         self.journal = journal
@@ -150,7 +149,6 @@ class Simulation:
         if not c.round_results():
             raise RuntimeError(f"simulated round {c.version}: every result was refused "
                                f"({c.refusals[-1] if c.refusals else 'none arrived'})")
-        self.last_results = c.round_results()  # what each client reported (queries)
         self.last_results = c.round_results()  # what each client reported (queries)
         commit = c.close_round()
         apply_commit(self.weights, commit, self.spec)
