@@ -245,7 +245,7 @@ def summarize(config: Config, rd: RunDir, prepared: Prepared, weights: list[np.n
     }
     if served is not None:
         summary["endpoint_queries_per_device"] = served
-    if config.bbpt.prompt == "discrete":
+    if config.bbpt.prompt == "discrete" and config.zo.rounds:
         summary["tuned_prompt"] = prepared.describe_prompt(weights)
     return summary
 
