@@ -101,7 +101,7 @@ def toy_world(tmp_path):
     model = tmp_path / "prompt"
     export_discrete_prompt(model, CANDIDATES, TOKENS, TEXT, 2)
     shards = []
-    for client in range(3):
+    for _ in range(3):
         y = rng.integers(0, 2, 30)
         words = np.where(y[:, None] == 0, rng.integers(2, 9, (30, TEXT)),
                          rng.integers(9, 16, (30, TEXT)))
