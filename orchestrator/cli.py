@@ -372,7 +372,7 @@ def broker_config(agents: int, ids: tuple[str, ...], out: Path, port: int, bind:
     click.echo(f"wrote a Mosquitto setup for {agents} agent(s) and the orchestrator to {out}")
     click.echo(f"  broker: mosquitto -c {out / 'mosquitto.conf'}   (TLS on port {port})")
     click.echo(f"  device ID: zowarmup-agent run --broker mqtts://HOST:{port} --id ID "
-               f"--username ID --password \"$(cat ID/password)\" --tls-ca ID/ca.crt "
+               "--username ID --password-file ID/password --tls-ca ID/ca.crt "
                "--tls-cert ID/client.crt --tls-key ID/client.key ...  (ID = "
                f"{out / 'agents' / names[0]}, ...)")
     click.echo(f"  orchestrator: --broker mqtts://HOST:{port} --set fleet.credentials={out}")
