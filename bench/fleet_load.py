@@ -6,16 +6,19 @@ The orchestrator side is the product's own ``RoundServer`` (coordinator, journal
 fsync, commit broadcast) over ``MqttTransport``. The agents are real paho MQTT clients,
 ``--agents`` of them spread over ``--procs`` processes, each process driving its clients
 from one selector loop (no thread per client). A simulated agent says hello, and for each
-round it is assigned to answers after a random synthetic compute time (up to
-``--compute-ms``) with one scalar per seed; it reads commits as a device would. Each
-process decodes a broadcast message once for all its clients (every client receives the
-same bytes).
+round start on its inbox it answers after a random synthetic compute time (up to
+``--compute-ms``) with one scalar per seed. Every client receives every commit, as a
+device does; each process decodes a commit once for all its clients (they receive the
+same bytes) and checks that it holds a pair for every result of the round.
 
 Prints one JSON line: ``agents``, ``rounds_completed``, ``p50_round_overhead_ms`` and
 ``p99_round_overhead_ms`` (a round's wall time, from publishing its seeds to the commit
 being journaled and published, minus the slowest agent's synthetic compute time),
-``results_lost`` (results the agents sent that no commit holds), and the peak resident
-memory of the orchestrator process and of the broker.
+``results_lost`` (results the agents sent that no commit holds), the peak resident
+memory of the orchestrator process and of the broker, the bytes one agent receives per
+round, and where the CPU went: milliseconds of CPU per round in the orchestrator, the
+broker and the simulated agents, beside the machine's load average, since on a machine
+that runs all three the round is as long as their CPU takes.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from protocols.codec import decode, encode  # noqa: E402
+from protocols.messages import Result, RoundStart  # noqa: E402
 
 RUN = "load"
 
@@ -83,6 +89,12 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError(f"mosquitto did not start: {proc.stderr.read().decode()[-500:]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -113,7 +125,11 @@ def synthetic_model(directory: Path, parameters: int = 1000) -> None:
 
 
 class Agents:
-    """One process's share of the fleet: paho clients on one selector loop."""
+    """One process's share of the fleet: paho clients on one selector loop.
+
+    A client's writes go out when paho asks for them (its register-write callback), so the
+    loop never scans every client for pending writes.
+    """
 
     def __init__(self, port: int, ids: list[str], model_sha: str, fp: str,
                  compute_ms: float, seed: int) -> None:
@@ -121,11 +137,14 @@ class Agents:
         from paho.mqtt.enums import CallbackAPIVersion
 
         from protocols import topics
-        self.topics = topics
+        self.commit_topic = topics.commit(RUN)
+        self.result_topic = {a: topics.agent(RUN, a, "result") for a in ids}
         self.rng = random.Random(seed)
         self.compute_ms, self.model_sha, self.fp = compute_ms, model_sha, fp
         self.due: list[tuple[float, int, str, bytes]] = []  # (time, tiebreak, agent, payload)
-        self.decoded: dict[int, object] = {}  # id(payload) cache: one decode per broadcast
+        self.commits: dict[int, int] = {}  # round -> pairs of its commit
+        self._seen: set[int] = set()  # hashes of the commits decoded: once per process
+        self.writers: set = set()  # clients with bytes to send
         self.sent = self.connected = 0
         self.sel = selectors.DefaultSelector()
         self.clients = {}
@@ -134,6 +153,8 @@ class Agents:
             c.user_data_set(agent)
             c.on_socket_open = lambda cl, ud, sock: sock.setsockopt(
                 socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.on_socket_register_write = lambda cl, ud, sock: self.writers.add(cl)
+            c.on_socket_unregister_write = lambda cl, ud, sock: self.writers.discard(cl)
             c.on_connect = self._on_connect
             c.on_message = self._on_message
             c.connect("127.0.0.1", port, keepalive=120)
@@ -141,42 +162,39 @@ class Agents:
             self.clients[agent] = c
 
     def _on_connect(self, client, agent, flags, reason, props) -> None:
+        from protocols import topics
         from protocols.codec import encode
         from protocols.messages import Capabilities, Hello
-        t = self.topics
-        client.subscribe([(t.round_start(RUN), 1), (t.commit(RUN), 1),
-                          (t.agent(RUN, agent, "inbox"), 1)])
+        client.subscribe([(self.commit_topic, 1), (topics.agent(RUN, agent, "inbox"), 1)])
         hello = Hello(agent, Capabilities(512, 1, 100), self.model_sha, 0, self.fp)
-        client.publish(t.agent(RUN, agent, "hello"), encode(hello), qos=1)
+        client.publish(topics.agent(RUN, agent, "hello"), encode(hello), qos=1)
         self.connected += 1
 
-    def _decode(self, payload: bytes):
-        from protocols.codec import decode
-        key = hash(payload)
-        if key not in self.decoded:
-            self.decoded = {key: decode(payload)}  # broadcasts arrive one at a time
-        return self.decoded[key]
+    def _on_commit(self, payload: bytes) -> None:
+        """Decode a commit once per process (a device would then apply it)."""
+        if hash(payload) not in self._seen:
+            self._seen.add(hash(payload))
+            commit = decode(payload).commit
+            self.commits[commit.round] = len(commit.pairs)
 
     def _on_message(self, client, agent, msg) -> None:
-        from protocols.codec import encode
-        from protocols.messages import Result, RoundStart
-        if msg.topic != self.topics.round_start(RUN):
-            return  # commits and inbox replies: a device would apply them here
-        start = self._decode(msg.payload)
-        if not isinstance(start, RoundStart) or agent not in start.assignments:
+        if msg.topic == self.commit_topic:
+            self._on_commit(msg.payload)
             return
-        seeds = start.assignments[agent]
+        start = decode(msg.payload)  # the inbox: this agent's own round start
+        if not isinstance(start, RoundStart) or start.agent_id != agent:
+            return
         delay = self.rng.uniform(0, self.compute_ms) / 1e3
-        result = Result(agent, start.round, seeds, tuple(self.rng.gauss(0, 1) for _ in seeds),
-                        100, start.fingerprint, 1.0, delay)
+        result = Result(agent, start.round, start.seeds,
+                        tuple(self.rng.gauss(0, 1) for _ in start.seeds), 100,
+                        start.fingerprint, 1.0, delay)
         heapq.heappush(self.due, (time.monotonic() + delay, len(self.due), agent, encode(result)))
 
     def loop(self, conn) -> dict:
         misc = time.monotonic()
         while not conn.poll():
-            for c in self.clients.values():
-                if c.want_write():
-                    c.loop_write()
+            for c in list(self.writers):
+                c.loop_write()
             wait = 0.01 if not self.due else max(0.0, min(0.01, self.due[0][0] -
                                                           time.monotonic()))
             for key, _ in self.sel.select(wait):
@@ -184,8 +202,7 @@ class Agents:
             now = time.monotonic()
             while self.due and self.due[0][0] <= now:
                 _, _, agent, payload = heapq.heappop(self.due)
-                self.clients[agent].publish(self.topics.agent(RUN, agent, "result"), payload,
-                                            qos=1)
+                self.clients[agent].publish(self.result_topic[agent], payload, qos=1)
                 self.sent += 1
             if now - misc > 1.0:
                 misc = now
@@ -193,7 +210,8 @@ class Agents:
                     c.loop_misc()
         for c in self.clients.values():
             c.disconnect()
-        return {"sent": self.sent, "connected": self.connected}
+            c.loop_write()
+        return {"sent": self.sent, "connected": self.connected, "commits": self.commits}
 
 
 def agent_worker(conn, port: int, ids: list[str], model_sha: str, fp: str, compute_ms: float,
@@ -236,7 +254,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         pipes.append(parent)
         procs.append(proc)
     try:
-        return _rounds(args, server, ids, pipes, broker)
+        return _rounds(args, server, ids, pipes, {"orchestrator": [os.getpid()],
+                                                  "broker": [broker.pid],
+                                                  "agents": [p.pid for p in procs]})
     finally:
         for pipe in pipes:
             with contextlib.suppress(OSError):
@@ -249,36 +269,43 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         broker.wait(10)
 
 
-def _rounds(args, server, ids, pipes, broker) -> dict:
+def _rounds(args, server, ids, pipes, pids: dict[str, list[int]]) -> dict:
     for pipe in pipes:
         pipe.recv()  # every client of that process has connected
     joined = server.wait_for_agents(len(ids), timeout=120)
     c = server.coordinator
-    overheads, accepted = [], 0
+    overheads, accepted, pairs = [], 0, {}
+    cpu = {part: sum(map(cpu_seconds, ps)) for part, ps in pids.items()}
+    load = os.getloadavg()[0]
     for _ in range(args.rounds):
         t0 = time.perf_counter()
         server.open_round(joined)
         server.wait_ready()
         results = c.round_results()
         slowest = max((r.compute_s for r in results.values()), default=0.0)
-        server.finish_round()
+        commit = server.finish_round()
+        pairs[commit.round] = len(commit.pairs)
         overheads.append((time.perf_counter() - t0 - slowest) * 1e3)
         accepted += len(results)
+    cpu = {part: round((sum(map(cpu_seconds, ps)) - cpu[part]) * 1e3 / max(1, args.rounds))
+           for part, ps in pids.items()}
     server.pump(0.5)  # late answers, if any, are counted as refused, not lost silently
-    broker_rss = peak_rss_mb(broker.pid)
+    broker_rss = peak_rss_mb(pids["broker"][0])
     for pipe in pipes:
         pipe.send("stop")
-    sent = sum(pipe.recv()["sent"] for pipe in pipes)
+    reports = [pipe.recv() for pipe in pipes]
     return {
         "agents": len(ids), "joined": len(joined), "rounds_completed": c.version,
         "p50_round_overhead_ms": round(float(np.percentile(overheads, 50)), 1),
         "p99_round_overhead_ms": round(float(np.percentile(overheads, 99)), 1),
-        "results_lost": sent - accepted, "results_accepted": accepted,
-        "refused": dict(c.refused),
+        "results_lost": sum(r["sent"] for r in reports) - accepted,
+        "results_accepted": accepted, "refused": dict(c.refused),
         "orchestrator_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                           / 1024, 1),
         "broker_peak_rss_mb": round(broker_rss, 1),
-        "broadcast_bytes_per_round": server.downlink_bytes // max(1, c.version),
+        "commits_read_by_every_process": all(r["commits"] == pairs for r in reports),
+        "downlink_bytes_per_agent_round": server.downlink_bytes // max(1, c.version),
+        "cpu_ms_per_round": cpu, "load_average_1min": round(load, 2),
         "procs": args.procs, "compute_ms": args.compute_ms,
     }
 

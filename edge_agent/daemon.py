@@ -153,7 +153,7 @@ class AgentDaemon:
     def _publish(self, sends: list[Send]) -> None:
         for send in sends:
             try:
-                self.transport.publish(send.topic, send.payload, retain=send.retain)
+                self.transport.publish(send.topic, send.payload, qos=send.qos, retain=send.retain)
             except Exception as exc:  # noqa: BLE001 - a lost publish is retried by the protocol
                 log.warning("publish to %s failed: %s", send.topic, exc)
 

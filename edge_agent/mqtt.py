@@ -6,7 +6,7 @@ keeps the connection alive, and carries ``(topic, payload, retain)`` in both dir
 
     with MqttTransport("mqtt://broker.local:1883", client_id="pi-07") as mqtt:
         mqtt.connect(timeout=10)
-        mqtt.subscribe("zowarmup/run1/round", qos=1)
+        mqtt.subscribe("zowarmup/run1/commit", qos=1)
         mqtt.publish("zowarmup/run1/agent/pi-07/hello", b"...", qos=1, wait=True)
         msg = mqtt.get(timeout=5)          # Message(topic, payload, retain) or None
 

@@ -94,8 +94,7 @@ def acl_text(orchestrator: str = ORCHESTRATOR) -> str:
              f"user {orchestrator}", f"topic readwrite {topics.ROOT}/#", ""]
     lines += [f"pattern write {run}/agent/%u/{kind}" for kind in topics.AGENT_KINDS]
     lines += [f"pattern read {run}/model", f"pattern read {run}/model/#",
-              f"pattern read {run}/round", f"pattern read {run}/commit",
-              f"pattern read {run}/agent/%u/inbox"]
+              f"pattern read {run}/commit", f"pattern read {run}/agent/%u/inbox"]
     return "\n".join(lines) + "\n"
 
 

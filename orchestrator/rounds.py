@@ -3,8 +3,8 @@
 This is the orchestrator's side of step 2 with the MQTT plumbing: the ``Coordinator``
 state machine decides, this loop moves bytes and time. Each round::
 
-    open_round -> publish seeds -> pump results until quorum or deadline -> close_round
-    -> apply to our weights -> journal (fsync) -> broadcast the commit
+    open_round -> each participant's seeds to its inbox -> pump results until quorum or
+    deadline -> close_round -> apply to our weights -> journal (fsync) -> broadcast the commit
 """
 
 from __future__ import annotations
@@ -54,15 +54,13 @@ class RoundServer:
                                        history=history[-keep_commits:],
                                        keep_commits=keep_commits,
                                        scales=journal.scales if journal is not None else None)
-        self.downlink_bytes = 0
+        self.downlink_bytes = 0  # what one participant receives: its round starts and commits
         self._previous = history[-2].fingerprint if len(history) > 1 else ""
         # A snapshot at least every keep/2 rounds: an agent too far behind for the kept
         # commits loads the latest snapshot and replays at most keep/2 commits from there.
         self.snapshot_every = snapshot_every or max(1, keep_commits // 2)
         self.chunk_bytes = CHUNK_BYTES
         self._snapshot: tuple[str, int] | None = None  # (file name, chunks) now retained
-        # what every agent receives each round: the counted downlink per client
-        self._broadcast_topics = {topics.round_start(run_id), topics.commit(run_id)}
         for topic_filter in self.coordinator.subscriptions():
             transport.subscribe(topic_filter)
         self.uplink_bytes = 0  # everything agents sent
@@ -165,7 +163,9 @@ class RoundServer:
         return self.finish_round()
 
     def open_round(self, participants: Sequence[str]) -> None:
-        self._send([self.coordinator.open_round(participants, time.time())])
+        starts = self.coordinator.open_round(participants, time.time())
+        self.downlink_bytes += sum(len(s.payload) for s in starts) // len(starts)
+        self._send(starts)
 
     def wait_ready(self) -> None:
         """Pump results until the quorum answered or the deadline passed."""
@@ -181,8 +181,10 @@ class RoundServer:
         apply_commit(self.weights, commit, self.spec)
         fp = fingerprint(self.weights)
         if self.journal is not None:
-            self.journal.append_commit(CommitMessage(commit, fp), c.closing_scale)
-        self._send([c.committed(commit, fp)])
+            self.journal.append_commit(c.commit_message(commit, fp), c.closing_scale)
+        broadcast = c.committed(commit, fp)
+        self.downlink_bytes += len(broadcast.payload)
+        self._send([broadcast])
         log.info("round %d committed: %d pair(s), fingerprint %s", commit.round,
                  len(commit.pairs), fp[:12])
         if c.version % self.snapshot_every == 0:
@@ -191,6 +193,5 @@ class RoundServer:
 
     def _send(self, sends: list[Send], wait: bool = False) -> None:
         for send in sends:
-            if send.topic in self._broadcast_topics:
-                self.downlink_bytes += len(send.payload)
-            self.transport.publish(send.topic, send.payload, retain=send.retain, wait=wait)
+            self.transport.publish(send.topic, send.payload, qos=send.qos, retain=send.retain,
+                                   wait=wait and send.qos > 0)

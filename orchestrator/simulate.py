@@ -29,7 +29,7 @@ from protocols.codec import decode, encode
 from protocols.coordinator import Coordinator
 from protocols.directions import DirectionSpec
 from protocols.manifest import MANIFEST, load_manifest, read_weights
-from protocols.messages import Capabilities, CommitMessage, Hello, Result, RoundStart
+from protocols.messages import Capabilities, CommitMessage, Hello, Result
 from protocols.zo import apply_commit, fingerprint
 
 from .fleet import strategy_for
@@ -57,22 +57,21 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
                 engine.weights.add(delta)
             conn.send(engine.fingerprint())
             continue
-        start: RoundStart = decode(payload)
         results, diverged = [], []
-        for agent in sorted(set(start.assignments) & set(loaded)):
+        for start in sorted(map(decode, payload), key=lambda s: s.agent_id):
+            agent = start.agent_id  # every start sent here is for one of this worker's clients
             shard = loaded[agent]
             engine.shard = shard
             if hasattr(engine, "select_device"):  # a prompt engine: this client's black box
                 engine.select_device(agent)
             engine.strategy = strategy_for(Path(model_dir), len(shard))  # as local agents
-            out = engine.round(start.assignments[agent], start.eps, start.local_steps,
-                               start.local_lr)
+            out = engine.round(start.seeds, start.eps, start.local_steps, start.local_lr)
             if not (math.isfinite(out.loss) and all(math.isfinite(g) for g in out.scalars)):
                 diverged.append(agent)  # as an agent does: nothing is sent
                 continue
-            results.append(encode(Result(agent, start.round, start.assignments[agent],
-                                         out.scalars, out.samples, engine.fingerprint(),
-                                         out.loss, out.seconds, out.queries)))
+            results.append(encode(Result(agent, start.round, start.seeds, out.scalars,
+                                         out.samples, engine.fingerprint(), out.loss,
+                                         out.seconds, out.queries)))
         conn.send((results, diverged))
 
 
@@ -102,12 +101,13 @@ class Simulation:
                                        fingerprint(self.weights), coordinator_policy,
                                        history=history,
                                        scales=journal.scales if journal is not None else None)
-        self.result_bytes = self.downlink_bytes = 0
+        self.result_bytes = self.downlink_bytes = 0  # downlink: what one participant receives
         ids = sorted(shards)
         count = max(1, min(workers or mp.cpu_count() or 1, len(ids)))
         ctx = mp.get_context("spawn")  # no inherited torch threads or locks
         self._pipes = []
         self._procs = []
+        self._worker_of = {a: i % count for i, a in enumerate(ids)}
         for w in range(count):
             mine = {a: str(shards[a]) for a in ids[w::count]}
             parent, child = ctx.Pipe()
@@ -130,10 +130,14 @@ class Simulation:
         """One round; ``delta``, an update added after the commit, is handed to ``keep``
         (made durable) before the commit is journaled, and sent to every worker with it."""
         c = self.coordinator
-        send = c.open_round(participants, time.time())
-        self.downlink_bytes += len(send.payload)
-        for pipe in self._pipes:
-            pipe.send(("round", send.payload))
+        starts = c.open_round(participants, time.time())  # one per participant, in order
+        self.downlink_bytes += sum(len(s.payload) for s in starts) // len(starts)
+        mine: list[list[bytes]] = [[] for _ in self._pipes]
+        for agent, send in zip(participants, starts):
+            if agent in self._worker_of:  # a participant without a shard never answers
+                mine[self._worker_of[agent]].append(send.payload)
+        for pipe, payloads in zip(self._pipes, mine):
+            pipe.send(("round", payloads))
         diverged: list[str] = []
         for pipe in self._pipes:
             results, lost = pipe.recv()
@@ -156,17 +160,17 @@ class Simulation:
         if delta is not None and keep is not None:
             keep(commit.round, delta)
         fp = fingerprint(self.weights)
-        message = CommitMessage(commit, fp)
+        message = c.commit_message(commit, fp)
         if self.journal is not None:
             self.journal.append_commit(message, c.closing_scale)
         sent = c.committed(commit, fp)
         self.downlink_bytes += len(sent.payload)
-        self._broadcast_commit(message, delta)
+        self._broadcast_commit(message, delta, sent.payload)
         return commit
 
-    def _broadcast_commit(self, message: CommitMessage,
-                          delta: list[np.ndarray] | None = None) -> None:
-        payload = encode(message)
+    def _broadcast_commit(self, message: CommitMessage, delta: list[np.ndarray] | None = None,
+                          payload: bytes | None = None) -> None:
+        payload = payload or encode(message)
         for pipe in self._pipes:
             pipe.send(("commit", (payload, delta)))
         for pipe in self._pipes:

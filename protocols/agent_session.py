@@ -78,9 +78,9 @@ class AgentSession:
         self._report = False  # say hello once a catch-up is applied
 
     def subscriptions(self) -> list[str]:
+        """The broadcasts, and the inbox: round starts, sync replies and refusals."""
         run = self.run_id
-        return [topics.model(run), topics.round_start(run), topics.commit(run),
-                topics.agent(run, self.agent_id, "inbox")]
+        return [topics.model(run), topics.commit(run), topics.agent(run, self.agent_id, "inbox")]
 
     def last_will(self) -> Send:
         return self._send("status", Status(self.agent_id, "offline"), retain=True)
@@ -99,11 +99,11 @@ class AgentSession:
             return []
         if isinstance(message, ModelAnnounce) and topic == topics.model(self.run_id):
             return self._on_model(message)
-        if isinstance(message, RoundStart) and topic == topics.round_start(self.run_id):
-            return self._on_round(message)
         if isinstance(message, CommitMessage) and topic == topics.commit(self.run_id):
             return self._on_commits((message,))
         inbox = topics.agent(self.run_id, self.agent_id, "inbox")
+        if isinstance(message, RoundStart) and topic == inbox and message.agent_id == self.agent_id:
+            return self._on_round(message)
         if isinstance(message, SyncReply) and topic == inbox and message.agent_id == self.agent_id:
             if message.snapshot and self.announce is not None:
                 return self._load(self.announce)
@@ -123,20 +123,18 @@ class AgentSession:
         return self._sync() if announce.version > self.version else []
 
     def _on_round(self, start: RoundStart) -> list[Event]:
-        seeds = start.assignments.get(self.agent_id)
         if self._busy or self.version < 0:
-            if seeds is not None:
-                self._pending = start
+            self._pending = start
             return []
         if start.round > self.version:
-            self._pending = start if seeds is not None else None
+            self._pending = start
             return self._sync()
-        if start.round < self.version or seeds is None:
+        if start.round < self.version:
             return []
         if start.fingerprint != self.fingerprint and self.announce is not None:
             return self._load(self.announce)  # same version, other bits: we diverged
         self._busy = True
-        return [Compute(start, seeds)]
+        return [Compute(start, start.seeds)]
 
     def _on_commits(self, commits: tuple[CommitMessage, ...]) -> list[Event]:
         if commits:
@@ -164,7 +162,7 @@ class AgentSession:
     def computed(self, start: RoundStart, scalars: tuple[float, ...], samples: int,
                  loss: float, compute_s: float, queries: int = 0) -> list[Event]:
         self._busy = False
-        result = Result(self.agent_id, start.round, start.assignments[self.agent_id],
+        result = Result(self.agent_id, start.round, start.seeds,
                         tuple(float(s) for s in scalars), samples, self.fingerprint,
                         float(loss), float(compute_s), int(queries))
         return [self._send("result", result)] + self._resume()

@@ -1,11 +1,16 @@
 """Messages to bytes and back: versioned JSON, strict on the way in.
 
-Wire form: one UTF-8 JSON object ``{"v": 1, "type": "<type>", ...fields}``. JSON keeps
+Wire form: one UTF-8 JSON object ``{"v": 2, "type": "<type>", ...fields}``. JSON keeps
 the wire readable with ``mosquitto_sub`` and writable from any language; floats are
-written with Python's shortest round-trip repr, so a coefficient crosses the wire with
-every bit. Decoding refuses, with a ``ProtocolError``: payloads over the size limit,
-bad UTF-8 or JSON, NaN/Infinity, duplicate keys, deep nesting, an unknown version or
-type, and any field that the message's own ``from_wire`` rejects.
+written with Python's shortest round-trip repr, and a commit's coefficients as float64
+bytes in base64 (``compact.py``), so every bit crosses the wire. Decoding refuses, with
+a ``ProtocolError``: payloads over the size limit, bad UTF-8 or JSON, NaN/Infinity,
+duplicate keys, deep nesting, an unknown version or type, and any field that the
+message's own ``from_wire`` rejects.
+
+Version 2 sent each round start to its participant alone and made the commit compact;
+version 1 (one round start listing every participant, commits as JSON pairs) is refused
+on the wire, and read only from journals (``journal.py``).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from typing import Any
 from .errors import ProtocolError
 from .messages import MESSAGE_TYPES, Message
 
-WIRE_VERSION = 1
-MAX_MESSAGE_BYTES = 8 << 20  # a commit of a 1,000-agent round fits many times over
-# Agents send small things; a large one is refused before it is parsed.
+WIRE_VERSION = 2
+MAX_MESSAGE_BYTES = 8 << 20  # ~780,000 pairs; a 1,000-agent round's commit is ~11 KB
+# Agents send small things, and a round start holds one agent's seeds: a large one is
+# refused before it is parsed.
 MAX_BYTES_BY_TYPE = {"hello": 16 << 10, "result": 64 << 10, "sync": 4 << 10,
-                     "status": 1 << 10, "error": 8 << 10}
+                     "status": 1 << 10, "error": 8 << 10, "round": 64 << 10}
 
 
 def encode(message: Message) -> bytes:

@@ -10,6 +10,10 @@ A round::
     idle --open_round--> open --(quorum or deadline: ready)--> close_round --> closing
     closing --committed(commit, fingerprint)--> idle, version + 1
 
+Messages stay small at fleet scale: ``open_round`` sends each participant its own
+``RoundStart`` on its inbox, and the commit names its seeds by slot (participant index,
+direction) instead of listing them, since they follow from the run seed (``compact.py``).
+
 Every refused message is counted by its reason in ``refused`` and changes nothing.
 Closing a round clips every scalar to a bound derived from the run's own scales, and
 may trim the extremes (``protocols/robust.py``); ``clipped`` and ``trimmed`` count them.
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 from . import topics
 from .codec import decode, encode
+from .compact import SeedSlots
 from .directions import DirectionSpec
 from .errors import ProtocolError
 from .messages import (
@@ -80,10 +85,30 @@ class AgentRecord:
     results: int = 0
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """An open round as the coordinator sees it: what each participant was asked."""
+
+    round: int
+    fingerprint: str
+    eps: float
+    participants: tuple[str, ...]
+    assignments: dict[str, tuple[int, ...]]  # participant -> its seeds
+    deadline_s: float
+    local_steps: int
+    local_lr: float
+
+    def start_for(self, agent_id: str) -> RoundStart:
+        """The round start sent to ``agent_id`` (a participant)."""
+        return RoundStart(self.round, self.fingerprint, self.eps, agent_id,
+                          self.assignments[agent_id], self.deadline_s, self.local_steps,
+                          self.local_lr)
+
+
 @dataclass
 class _OpenRound:
-    start: RoundStart
-    participants: tuple[str, ...]
+    plan: RoundPlan
+    per_client: int  # seeds per participant, which fixes the commit's slots
     deadline: float
     results: dict[str, Result] = field(default_factory=dict)
 
@@ -116,6 +141,8 @@ class Coordinator:
                                                                         MAX_COMMITS_PER_SYNC))
         self._round: _OpenRound | None = None
         self._closing: Commit | None = None
+        self._slots: SeedSlots | None = None  # where the closing commit's seeds come from
+        self._message: CommitMessage | None = None  # the closing commit's, once made
 
     # --- what the driver subscribes to and announces -----------------------------------
 
@@ -132,8 +159,11 @@ class Coordinator:
 
     # --- rounds -------------------------------------------------------------------------
 
-    def open_round(self, participants: Sequence[str], now: float) -> Send:
-        """Start round ``version`` for these agents; seeds follow from the run seed alone."""
+    def open_round(self, participants: Sequence[str], now: float) -> list[Send]:
+        """Start round ``version`` for these agents: one ``RoundStart`` per participant, in
+        participant order, each on the participant's inbox (at QoS 0: see ``Send``).
+        Participant ``i`` gets the seeds ``derive_seed(run_seed, version, i, j)``, so they
+        follow from the run seed alone."""
         if self.phase != "idle":
             raise RuntimeError(f"cannot open a round while {self.phase}")
         if not participants or len(set(participants)) != len(participants):
@@ -142,18 +172,19 @@ class Coordinator:
         assignments = {agent: tuple(derive_seed(self.run_seed, self.version, i, j)
                                     for j in range(per_agent))
                        for i, agent in enumerate(participants)}
-        start = RoundStart(self.version, self.fingerprint, self.policy.eps, assignments,
-                           self.policy.deadline_s, self.policy.local_steps,
-                           self.policy.local_lr or self.policy.lr)
-        self._round = _OpenRound(start, tuple(participants), now + self.policy.deadline_s)
-        return Send(topics.round_start(self.run_id), encode(start))
+        plan = RoundPlan(self.version, self.fingerprint, self.policy.eps, tuple(participants),
+                         assignments, self.policy.deadline_s, self.policy.local_steps,
+                         self.policy.local_lr or self.policy.lr)
+        self._round = _OpenRound(plan, per_agent, now + self.policy.deadline_s)
+        return [Send(topics.agent(self.run_id, agent, "inbox"), encode(plan.start_for(agent)),
+                     qos=0) for agent in participants]
 
     def ready(self, now: float) -> bool:
         """True once the quorum has answered or the deadline has passed."""
         r = self._round
         if r is None:
             return False
-        need = math.ceil(self.policy.quorum * len(r.participants))
+        need = math.ceil(self.policy.quorum * len(r.plan.participants))
         return len(r.results) >= need or now >= r.deadline
 
     def close_round(self) -> Commit:
@@ -161,29 +192,49 @@ class Coordinator:
         r = self._round
         if r is None:
             raise RuntimeError("no round is open")
-        ordered = [r.results[a] for a in r.participants if a in r.results]
-        scalars = [g for x in ordered for g in x.scalars]
+        plan = r.plan
+        answered = [(i, r.results[a]) for i, a in enumerate(plan.participants) if a in r.results]
+        scalars = [g for _, x in answered for g in x.scalars]
         scale = round_scale(scalars)
         bound = scalar_bound(self.policy.robust, self._scales, scale)
         keep = trimmed_keep(scalars, self.policy.robust.trim)
-        commit = aggregate(r.start.round, [
-            ClientResult(x.seeds, x.scalars, x.samples, r.start.local_steps) for x in ordered
+        commit = aggregate(plan.round, [
+            ClientResult(x.seeds, x.scalars, x.samples, plan.local_steps) for _, x in answered
         ], self.policy.lr, bound, keep)
         kept = range(len(scalars)) if keep is None else sorted(keep)
+        slots = [i * r.per_client + j for i, x in answered for j in range(len(x.seeds))]
+        self._slots = SeedSlots(self.run_seed, r.per_client, tuple(slots[k] for k in kept))
         self.clipped += sum(abs(scalars[i]) > bound for i in kept)
         self.trimmed += len(scalars) - len(kept)
         self._round, self._closing, self.closing_scale = None, commit, scale
+        self._message = None
         return commit
+
+    def commit_message(self, commit: Commit, fingerprint: str) -> CommitMessage:
+        """The message that journals and broadcasts the closing commit: its seeds by slot.
+
+        A commit whose seeds do not follow from its slots (two slots whose derived seeds
+        collide, about 2**-64 per pair) travels with its seeds listed instead.
+        """
+        if commit != self._closing:
+            raise RuntimeError("commit_message() must get the commit that close_round() "
+                               "returned")
+        if self._message is None or self._message.fingerprint != fingerprint:
+            try:
+                self._message = CommitMessage(commit, fingerprint, self._slots)
+            except ProtocolError:
+                self._message = CommitMessage(commit, fingerprint)
+        return self._message
 
     def committed(self, commit: Commit, fingerprint: str) -> Send:
         """The commit is durable and applied (weights now hash to ``fingerprint``): broadcast."""
         if commit != self._closing:
             raise RuntimeError("committed() must get the commit that close_round() returned")
-        message = CommitMessage(commit, fingerprint)
+        message = self.commit_message(commit, fingerprint)
         self._history.append(message)
         if self.closing_scale is not None:
             self._scales.append(self.closing_scale)
-        self._closing = None
+        self._closing, self._message = None, None
         self.version, self.fingerprint = commit.round + 1, fingerprint
         return Send(topics.commit(self.run_id), encode(message), retain=True)
 
@@ -193,8 +244,8 @@ class Coordinator:
         return tuple(self._history)
 
     @property
-    def current_round(self) -> RoundStart | None:
-        return self._round.start if self._round else None
+    def current_round(self) -> RoundPlan | None:
+        return self._round.plan if self._round else None
 
     def round_results(self) -> dict[str, Result]:
         return dict(self._round.results) if self._round else {}
@@ -271,29 +322,29 @@ class Coordinator:
             return self._refuse(agent, "unknown_agent", "result from an agent that never said "
                                 "hello", result.round)
         r = self._round
-        if r is None or result.round != r.start.round:
-            current = r.start.round if r else self.version
+        if r is None or result.round != r.plan.round:
+            current = r.plan.round if r else self.version
             if result.round < current or (r is None and result.round == current):
                 self.late += 1
                 return self._refuse(agent, "stale_round", f"result for round {result.round} "
                                     "came after it closed", result.round)
             return self._refuse(agent, "future_round", f"result for round {result.round}, "
                                 f"which has not started (current {current})", result.round)
-        if agent not in r.start.assignments:
+        if agent not in r.plan.assignments:
             return self._refuse(agent, "not_assigned", f"{agent} is not in round "
                                 f"{result.round}", result.round)
         if agent in r.results:
             return self._refuse(agent, "duplicate", f"second result from {agent} for round "
                                 f"{result.round}", result.round)
-        if result.seeds != r.start.assignments[agent]:
+        if result.seeds != r.plan.assignments[agent]:
             return self._refuse(agent, "bad_seed", "result seeds differ from the assigned ones",
                                 result.round)
         if any(abs(g) > MAX_SCALAR for g in result.scalars):
             return self._refuse(agent, "absurd_scalar", f"{agent} sent a scalar beyond "
                                 f"{MAX_SCALAR:g} in absolute value", result.round)
-        if result.fingerprint != r.start.fingerprint:
+        if result.fingerprint != r.plan.fingerprint:
             return self._refuse(agent, "fingerprint_mismatch", f"{agent} computed on weights "
-                                f"{result.fingerprint}, the round is on {r.start.fingerprint}",
+                                f"{result.fingerprint}, the round is on {r.plan.fingerprint}",
                                 result.round)
         r.results[agent] = result
         record = self.agents[agent]

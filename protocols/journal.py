@@ -3,7 +3,7 @@
 Exported weights + the journal's commits, replayed in order, give the model of any
 round. Format (``docs/protocol.md``, "Journal")::
 
-    b"ZOWJOURNAL1\\n"
+    b"ZOWJOURNAL2\\n"
     then records: uint32 LE length | uint32 LE CRC-32 of the payload | payload (UTF-8 JSON)
 
 The first record is the header (``{"type": "header", ...}``); commit records hold a
@@ -14,6 +14,11 @@ The first record is the header (``{"type": "header", ...}``); commit records hol
 last record, which reading detects (short frame or bad CRC at the end of the file) and
 drops; damage anywhere else is an error, because silently skipping a commit would change
 every later bit.
+
+The magic names the format of the commit records: format 2 holds wire version 2's
+compact commits (seeds by slot, coefficients as float64 bytes); format 1
+(``ZOWJOURNAL1``) holds wire version 1's ``pairs`` lists. Both are read; a journal is
+appended to in its own format, so a resumed old run stays one readable format.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .compact import legacy_commit_to_wire
 from .errors import JournalError, ProtocolError
 from .messages import CommitMessage
 
-MAGIC = b"ZOWJOURNAL1\n"
+MAGIC = b"ZOWJOURNAL2\n"  # the format written
+MAGICS = {b"ZOWJOURNAL1\n": 1, MAGIC: 2}  # the formats read (all of one length)
+FORMAT = MAGICS[MAGIC]
 _FRAME = struct.Struct("<II")
 MAX_RECORD_BYTES = 64 << 20
 
@@ -39,15 +47,17 @@ class JournalContents:
     records: list[dict] = field(default_factory=list)
     torn_bytes: int = 0  # bytes of a torn last record that reading dropped
     valid_bytes: int = 0  # where the last good record ends
+    format: int = FORMAT  # 1: commit records as wire version 1; 2: compact (version 2)
 
     @property
     def commits(self) -> list[CommitMessage]:
+        read = CommitMessage.from_wire if self.format >= 2 else CommitMessage.from_legacy_wire
         out = []
         for record in self.records:
             if record.get("type") == "commit":
                 body = {k: v for k, v in record.items() if k not in ("type", "scale")}
                 try:
-                    out.append(CommitMessage.from_wire(body))
+                    out.append(read(body))
                 except ProtocolError as exc:
                     raise JournalError(f"journal commit record is invalid: {exc}") from exc
         return out
@@ -67,8 +77,10 @@ class JournalContents:
 
 def read_journal(path: Path) -> JournalContents:
     data = Path(path).read_bytes()
-    if not data.startswith(MAGIC):
-        raise JournalError(f"{path} is not a zowarmup journal (bad magic)")
+    version = MAGICS.get(data[:len(MAGIC)])
+    if version is None:
+        raise JournalError(f"{path} is not a zowarmup journal of format "
+                           f"{' or '.join(str(f) for f in MAGICS.values())} (bad magic)")
     pos, payloads, torn = len(MAGIC), [], 0
     while pos < len(data):
         if pos + _FRAME.size > len(data):
@@ -96,7 +108,7 @@ def read_journal(path: Path) -> JournalContents:
     base = records[0].get("base_version")
     if isinstance(base, bool) or not isinstance(base, int) or base < 0:
         raise JournalError(f"{path}: header needs an integer base_version >= 0")
-    return JournalContents(records[0], records[1:], torn, len(data) - torn)
+    return JournalContents(records[0], records[1:], torn, len(data) - torn, version)
 
 
 def _parse(payload: bytes, path: Path) -> dict:
@@ -118,6 +130,7 @@ class Journal:
         self.commits = contents.commits
         self.scales = contents.scales
         self.records = [r for r in contents.records if r.get("type") != "commit"]
+        self.format = contents.format
         # unbuffered: a failed write leaves nothing behind in a buffer to go out later
         self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - held for appends
         self._file.truncate(contents.valid_bytes)
@@ -155,7 +168,7 @@ class Journal:
             raise JournalError(f"commit for round {message.commit.round} cannot follow version "
                                f"{self.version}")
         extra = {} if scale is None else {"scale": scale}
-        self.append({"type": "commit", **message.to_wire(), **extra})
+        self.append({"type": "commit", **_commit_fields(message, self.format), **extra})
         self.commits.append(message)
         if scale is not None:
             self.scales[message.commit.round] = scale
@@ -195,6 +208,13 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _commit_fields(message: CommitMessage, version: int) -> dict:
+    """A commit's record fields in the journal's own format."""
+    if version >= 2:
+        return message.to_wire()
+    return {**legacy_commit_to_wire(message.commit), "fingerprint": message.fingerprint}
 
 
 def _frame(record: dict) -> bytes:

@@ -13,14 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from . import compact
 from . import validate as v
+from .compact import (
+    MAX_SEEDS_PER_AGENT,
+    SeedSlots,
+    commit_from_wire,
+    commit_to_wire,
+    legacy_commit_from_wire,
+)
 from .directions import DirectionSpec
 from .errors import ProtocolError
 from .zo import Commit
 
-MAX_SEEDS_PER_AGENT = 1024
-MAX_AGENTS_PER_ROUND = 100_000
-MAX_PAIRS = 2_000_000
+MAX_AGENTS_PER_ROUND = compact.MAX_AGENTS_PER_ROUND  # the orchestrator's config checks these
 MAX_COMMITS_PER_SYNC = 1_000
 _FP = 32  # hex digits of a weights fingerprint
 _SHA = 64
@@ -128,45 +134,41 @@ class ModelAnnounce:
 
 @dataclass(frozen=True)
 class RoundStart:
-    """Orchestrator -> all: round ``round`` on state version ``round``; seeds per chosen agent."""
+    """Orchestrator -> one participant, on its inbox: compute round ``round`` on state
+    version ``round`` for these seeds.
+
+    Each participant gets its own few hundred bytes; agents outside the round get nothing,
+    so a round's start costs the broker O(participants), not O(participants x fleet).
+    """
 
     type: ClassVar[str] = "round"
     round: int
     fingerprint: str  # of state version ``round``: an agent that differs must resync
     eps: float
-    assignments: dict[str, tuple[int, ...]]
+    agent_id: str  # the addressee: an agent ignores a start meant for another
+    seeds: tuple[int, ...]
     deadline_s: float = 60.0
     local_steps: int = 1  # >1: FedKSeed-style local steps, each on its own seeds
     local_lr: float = 0.0
 
     def to_wire(self) -> dict:
         return {"round": self.round, "fingerprint": self.fingerprint, "eps": self.eps,
-                "assignments": {a: list(s) for a, s in self.assignments.items()},
+                "agent_id": self.agent_id, "seeds": list(self.seeds),
                 "deadline_s": self.deadline_s, "local_steps": self.local_steps,
                 "local_lr": self.local_lr}
 
     @classmethod
     def from_wire(cls, d: dict) -> RoundStart:
         w = "round"
-        v.no_extra(d, {"round", "fingerprint", "eps", "assignments", "deadline_s",
+        v.no_extra(d, {"round", "fingerprint", "eps", "agent_id", "seeds", "deadline_s",
                        "local_steps", "local_lr"}, w)
-        raw = v.mapping(d, "assignments", w)
-        if len(raw) > MAX_AGENTS_PER_ROUND:
-            raise ProtocolError(f"round: more than {MAX_AGENTS_PER_ROUND} agents", "too_long")
-        assignments = {}
-        for agent, seeds in raw.items():
-            v.check_identifier(agent, "round.assignments")
-            if not isinstance(seeds, list) or not 0 < len(seeds) <= MAX_SEEDS_PER_AGENT:
-                raise ProtocolError(f"round.assignments[{agent!r}] must be a list of 1 to "
-                                    f"{MAX_SEEDS_PER_AGENT} seeds", "bad_type")
-            assignments[agent] = _seeds(seeds, f"round.assignments[{agent!r}]")
+        seeds = _seeds(v.sequence(d, "seeds", w, MAX_SEEDS_PER_AGENT), w)
         steps = v.integer(d, "local_steps", w, 1, 10_000)
-        for agent, seeds in assignments.items():
-            if len(seeds) % steps:
-                raise ProtocolError(f"round.assignments[{agent!r}]: {len(seeds)} seeds do not "
-                                    f"split into {steps} local steps", "bad_seed")
+        if not seeds or len(seeds) % steps:
+            raise ProtocolError(f"{w}: {len(seeds)} seeds do not split into {steps} local "
+                                "steps", "bad_seed")
         return cls(v.integer(d, "round", w, 0, _ROUND_MAX), v.hexdigest(d, "fingerprint", w, _FP),
-                   v.number(d, "eps", w, 1e-12, 1e3), assignments,
+                   v.number(d, "eps", w, 1e-12, 1e3), v.identifier(d, "agent_id", w), seeds,
                    v.number(d, "deadline_s", w, 0.001, 7 * 86400.0), steps,
                    v.number(d, "local_lr", w, 0.0, 1e6))
 
@@ -210,39 +212,41 @@ class Result:
                    v.integer(d, "queries", w, 0, 1 << 40) if "queries" in d else 0)
 
 
-def _commit_to_wire(commit: Commit) -> dict:
-    return {"round": commit.round, "pairs": [[s, c] for s, c in commit.pairs]}
-
-
-def _commit_from_wire(d: object, where: str) -> Commit:
-    if not isinstance(d, dict):
-        raise ProtocolError(f"{where} must be an object", "bad_type")
-    v.no_extra(d, {"round", "pairs"}, where)
-    pairs = []
-    for pair in v.sequence(d, "pairs", where, MAX_PAIRS):
-        if not isinstance(pair, list) or len(pair) != 2:
-            raise ProtocolError(f"{where}: each pair is [seed, coefficient]", "bad_type")
-        seed = _seeds([pair[0]], where)[0]
-        pairs.append((seed, v.finite(pair[1], f"{where}: coefficient")))
-    return Commit(v.integer(d, "round", where, 0, _ROUND_MAX), tuple(pairs))
-
-
 @dataclass(frozen=True)
 class CommitMessage:
-    """Orchestrator -> all, after the journal holds it: apply these pairs to version ``round``."""
+    """Orchestrator -> all, after the journal holds it: apply these pairs to version ``round``.
+
+    With ``slots`` the seeds are not sent but derived from the run seed (``compact.py``);
+    a message whose slots would derive other seeds than its pairs hold cannot be made.
+    """
 
     type: ClassVar[str] = "commit"
     commit: Commit
     fingerprint: str  # of version round + 1, after applying
+    slots: SeedSlots | None = None
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and (self.slots.seeds(self.commit.round)
+                                       != tuple(s for s, _ in self.commit.pairs)):
+            raise ProtocolError(f"commit {self.commit.round}: its seeds do not follow from "
+                                "its slots", "bad_seed")
 
     def to_wire(self) -> dict:
-        return {**_commit_to_wire(self.commit), "fingerprint": self.fingerprint}
+        return {**commit_to_wire(self.commit, self.slots), "fingerprint": self.fingerprint}
 
     @classmethod
     def from_wire(cls, d: dict) -> CommitMessage:
         fp = v.hexdigest(d, "fingerprint", "commit", _FP)
-        return cls(_commit_from_wire({k: x for k, x in d.items() if k != "fingerprint"},
-                                     "commit"), fp)
+        commit, slots = commit_from_wire({k: x for k, x in d.items() if k != "fingerprint"},
+                                         "commit")
+        return cls(commit, fp, slots)
+
+    @classmethod
+    def from_legacy_wire(cls, d: dict) -> CommitMessage:
+        """A commit in wire version 1's form (``pairs`` as JSON pairs): old journals."""
+        fp = v.hexdigest(d, "fingerprint", "commit", _FP)
+        return cls(legacy_commit_from_wire({k: x for k, x in d.items() if k != "fingerprint"},
+                                           "commit"), fp)
 
 
 @dataclass(frozen=True)

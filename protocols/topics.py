@@ -4,15 +4,16 @@ Every run lives under ``zowarmup/<run>/``::
 
     zowarmup/<run>/model                      orchestrator -> all   ModelAnnounce (retained)
     zowarmup/<run>/model/<file>/<chunk>       orchestrator -> all   raw file bytes (retained)
-    zowarmup/<run>/round                      orchestrator -> all   RoundStart
     zowarmup/<run>/commit                     orchestrator -> all   CommitMessage (retained)
     zowarmup/<run>/agent/<id>/hello           agent -> orchestrator Hello
     zowarmup/<run>/agent/<id>/result          agent -> orchestrator Result
     zowarmup/<run>/agent/<id>/sync            agent -> orchestrator SyncRequest
     zowarmup/<run>/agent/<id>/status          agent -> orchestrator Status (and last will)
-    zowarmup/<run>/agent/<id>/inbox           orchestrator -> agent SyncReply, Error
+    zowarmup/<run>/agent/<id>/inbox           orchestrator -> agent RoundStart, SyncReply, Error
 
-An agent publishes only below its own ``agent/<id>/`` (a broker ACL can enforce it), and
+A round start goes to each participant's inbox, never to everyone: the fleet's per-round
+downlink is then one commit per agent plus a few hundred bytes per participant. An agent
+publishes only below its own ``agent/<id>/`` (a broker ACL can enforce it), and
 the id in the topic must equal the id in the message, so one agent cannot speak for
 another. Everything the orchestrator publishes sits outside ``agent/``, except inboxes.
 """
@@ -20,6 +21,7 @@ another. Everything the orchestrator publishes sits outside ``agent/``, except i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import ProtocolError
 from .validate import check_identifier
@@ -28,7 +30,9 @@ ROOT = "zowarmup"
 AGENT_KINDS = ("hello", "result", "sync", "status")
 
 
+@lru_cache(maxsize=64)
 def base(run: str) -> str:
+    """``zowarmup/<run>``; cached, as every message's topic starts with it."""
     return f"{ROOT}/{check_identifier(run, 'run id')}"
 
 
@@ -38,10 +42,6 @@ def model(run: str) -> str:
 
 def model_chunk(run: str, file: str, chunk: int) -> str:
     return f"{base(run)}/model/{check_identifier(file, 'file name')}/{chunk}"
-
-
-def round_start(run: str) -> str:
-    return f"{base(run)}/round"
 
 
 def commit(run: str) -> str:
@@ -61,11 +61,18 @@ def agent_filters(run: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Send:
-    """A publish for the transport to carry out; both state machines return these."""
+    """A publish for the transport to carry out; both state machines return these.
+
+    ``qos`` is MQTT's: 1 (at least once) unless losing the message costs nothing but
+    time. A round start goes at 0: it is not retained and is worthless after its deadline,
+    so a lost one costs that agent's contribution to one round, while at 1 every
+    participant's start would cost two more packets (a PUBACK on each leg).
+    """
 
     topic: str
     payload: bytes
     retain: bool = False
+    qos: int = 1
 
 
 @dataclass(frozen=True)

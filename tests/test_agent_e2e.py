@@ -92,23 +92,25 @@ def _logs(tmp_path: Path) -> str:
 
 def test_agents_hold_the_coordinators_bits_after_every_round(fleet):
     server, procs, _, tmp_path = fleet
+    c = server.coordinator
     agents = server.wait_for_agents(3, timeout=60)
     assert agents == ["pi0", "pi1", "pi2"], _logs(tmp_path)
-    for _ in range(4):
-        commit = server.run_round(agents)
-        # a result computed on any other bits than the coordinator's would be refused
-        assert not server.coordinator.refused, (server.coordinator.refusals, _logs(tmp_path))
-        assert len(commit.pairs) == 6
-    # one more round, left open: its results carry every agent's fingerprint after round 3
-    want = fingerprint(server.weights)
-    server.open_round(agents)
-    server.wait_ready()
-    got = {a: r.fingerprint for a, r in server.coordinator.round_results().items()}
-    assert got == {a: want for a in agents}, _logs(tmp_path)
-    # the journal replays to the same bits
+    for _ in range(5):
+        # each result carries the fingerprint of the bits it was computed on: after the
+        # commits applied so far, every agent's must be the coordinator's
+        want = fingerprint(server.weights)
+        server.open_round(agents)
+        server.wait_ready()
+        got = {a: r.fingerprint for a, r in c.round_results().items()}
+        assert got == {a: want for a in agents}, _logs(tmp_path)
+        assert not c.refused, (c.refusals, _logs(tmp_path))
+        assert len(server.finish_round().pairs) == 6
+    # the journal holds compact commits (seeds by slot) and replays to the same bits
+    contents = read_journal(tmp_path / "journal")
+    assert contents.format == 2 and all(m.slots is not None for m in contents.commits)
     weights = read_weights(server.model_dir, load_manifest(server.model_dir))[1]
-    replay(weights, [m.commit for m in read_journal(tmp_path / "journal").commits], server.spec)
-    assert fingerprint(weights) == want
+    replay(weights, [m.commit for m in contents.commits], server.spec)
+    assert fingerprint(weights) == fingerprint(server.weights)
     # and a SIGTERM'd agent says it left
     procs["pi2"].send_signal(signal.SIGTERM)
     assert procs["pi2"].wait(15) == 0

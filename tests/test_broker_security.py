@@ -142,7 +142,6 @@ def test_an_agent_publishes_only_as_itself_and_never_for_the_orchestrator(secure
     for f in topics.agent_filters(RUN):
         orch.subscribe(f)
     b.subscribe(topics.commit(RUN))
-    b.subscribe(topics.round_start(RUN))
     b.subscribe(topics.agent(RUN, "client-001", "inbox"))
     time.sleep(0.3)
     own = topics.agent(RUN, "client-000", "result")
@@ -150,8 +149,7 @@ def test_an_agent_publishes_only_as_itself_and_never_for_the_orchestrator(secure
     a.publish(other, b"spoofed", wait=True)
     a.publish(own, b"mine", wait=True)
     assert received_until(orch, b"mine") == [(own, b"mine")]
-    for topic in (topics.commit(RUN), topics.round_start(RUN),
-                  topics.agent(RUN, "client-001", "inbox")):
+    for topic in (topics.commit(RUN), topics.agent(RUN, "client-001", "inbox")):
         a.publish(topic, b"forged", wait=True)
         orch.publish(topic, b"real", wait=True)
         assert received_until(b, b"real") == [(topic, b"real")], topic

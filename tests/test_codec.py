@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import math
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 
 from protocols import topics
 from protocols.codec import MAX_MESSAGE_BYTES, decode, encode
+from protocols.compact import SeedSlots, from_runs, to_runs
 from protocols.directions import DirectionSpec
 from protocols.errors import ProtocolError
 from protocols.messages import (
@@ -34,9 +38,24 @@ fp = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
 sha = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
 caps = st.builds(Capabilities, st.integers(0, 1 << 20), st.integers(1, 64),
                  st.integers(0, 10**6), st.text(max_size=20), st.text(max_size=10))
+# every float64 a coefficient may be: subnormals, -0.0 and the extremes included
+coefficients = st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False)
 commit = st.builds(Commit, st.integers(0, 10**6),
-                   st.lists(st.tuples(seeds, floats), max_size=5).map(tuple))
-commit_msg = st.builds(CommitMessage, commit, fp)
+                   st.lists(st.tuples(seeds, coefficients), max_size=5).map(tuple))
+
+
+@st.composite
+def derived_commits(draw) -> CommitMessage:
+    """A commit whose seeds follow from the run seed, as the coordinator makes them."""
+    round_id, per = draw(st.integers(0, 2**40)), draw(st.integers(1, 4))
+    slots = SeedSlots(draw(seeds), per, tuple(sorted(draw(st.sets(st.integers(0, 40 * per - 1),
+                                                                  max_size=12)))))
+    values = draw(st.lists(coefficients, min_size=len(slots.slots), max_size=len(slots.slots)))
+    return CommitMessage(Commit(round_id, tuple(zip(slots.seeds(round_id), values))), draw(fp),
+                         slots)
+
+
+commit_msg = st.builds(CommitMessage, commit, fp) | derived_commits()
 
 
 @st.composite
@@ -62,9 +81,8 @@ messages = st.one_of(
     st.builds(ModelAnnounce, sha, st.text(max_size=50), st.integers(0, 1000), fp,
               st.builds(DirectionSpec, st.sampled_from(["rademacher", "gaussian"]),
                         st.floats(0.01, 10)), st.integers(1024, 1 << 20)),
-    st.builds(RoundStart, st.integers(0, 10**6), fp, st.floats(1e-6, 1),
-              st.dictionaries(ids, st.lists(seeds, min_size=1, max_size=3, unique=True)
-                              .map(tuple), max_size=4),
+    st.builds(RoundStart, st.integers(0, 10**6), fp, st.floats(1e-6, 1), ids,
+              st.lists(seeds, min_size=1, max_size=3, unique=True).map(tuple),
               st.floats(0.1, 100), st.just(1), st.floats(0, 1)),
     results(), commit_msg,
     st.builds(SyncRequest, ids, st.integers(0, 1000), fp), sync_replies(),
@@ -117,8 +135,9 @@ def _result_body(**change):
 @pytest.mark.parametrize("payload, code", [
     (b"", "bad_json"),
     (b"[1, 2]", "bad_json"),
-    (b'{"v": 2, "type": "result"}', "bad_version"),
-    (b'{"v": 1, "type": "teleport"}', "bad_type"),
+    (b'{"v": 1, "type": "result"}', "bad_version"),  # the wire before compact commits
+    (b'{"v": 3, "type": "result"}', "bad_version"),
+    (b'{"v": 2, "type": "teleport"}', "bad_type"),
     (_result_body(scalars=[float("nan"), 0.5]), "non_finite"),
     (_result_body(scalars=[1e400, 0.5]), "non_finite"),
     (_result_body(scalars=[1e31, 0.5]), "out_of_range"),
@@ -152,10 +171,146 @@ def test_size_limits_apply_before_parsing():
     assert info.value.code == "too_big"
 
 
+def _bits(values) -> bytes:
+    return struct.pack(f"<{len(values)}d", *values)
+
+
 def test_coefficients_cross_the_wire_bit_exact():
-    values = (0.1, 1 / 3, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308 / 1e290)
+    values = (0.1, 1 / 3, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308 / 1e290,
+              -0.0)
     msg = CommitMessage(Commit(0, tuple((i, v) for i, v in enumerate(values))), "0" * 32)
-    assert [c for _, c in decode(encode(msg)).commit.pairs] == list(values)
+    assert _bits([c for _, c in decode(encode(msg)).commit.pairs]) == _bits(values)
+
+
+# --- the compact commit (protocols/compact.py) -------------------------------------------
+
+
+@given(commit_msg)
+@settings(max_examples=300, deadline=None)
+def test_a_compact_commit_keeps_every_bit_of_every_pair(message):
+    body = json.loads(encode(message))
+    assert ("derive" in body) == (message.slots is not None)  # derived seeds are not sent
+    got = decode(encode(message))
+    assert got == message
+    assert [s for s, _ in got.commit.pairs] == [s for s, _ in message.commit.pairs]
+    assert _bits([c for _, c in got.commit.pairs]) == _bits([c for _, c in message.commit.pairs])
+
+
+@given(st.sets(st.integers(0, 300), max_size=40))
+def test_slot_runs_are_maximal_and_give_the_slots_back(chosen):
+    slots = sorted(chosen)
+    runs = to_runs(slots)
+    assert from_runs(runs, len(slots), 301, "t") == tuple(slots)
+    assert all(b[0] > a[0] + a[1] for a, b in zip(runs, runs[1:]))  # a gap between runs
+
+
+def test_a_full_round_commit_is_one_run_and_eleven_bytes_a_pair():
+    per, clients = 2, 1000
+    slots = SeedSlots(2**64 - 1, per, tuple(range(per * clients)))
+    pairs = tuple(zip(slots.seeds(7), (i * 1e-7 for i in range(per * clients))))
+    payload = encode(CommitMessage(Commit(7, pairs), "0" * 32, slots))
+    assert json.loads(payload)["derive"]["slots"] == [[0, per * clients]]
+    assert len(payload) < 11 * per * clients
+    explicit = encode(CommitMessage(Commit(7, pairs), "0" * 32))  # seeds sent as bytes
+    assert len(payload) < len(explicit) < 22 * per * clients
+
+
+def test_a_commit_whose_seeds_do_not_follow_its_slots_cannot_be_made():
+    slots = SeedSlots(5, 1, (0, 3))
+    seeds = slots.seeds(2)
+    with pytest.raises(ProtocolError) as info:
+        CommitMessage(Commit(2, ((seeds[0], 1.0), (seeds[1] ^ 1, 1.0))), "0" * 32, slots)
+    assert info.value.code == "bad_seed"
+    with pytest.raises(ProtocolError):
+        CommitMessage(Commit(3, tuple(zip(seeds, (1.0, 1.0)))), "0" * 32, slots)  # other round
+
+
+def _b64_floats(*values: float) -> str:
+    return base64.b64encode(_bits(values)).decode()
+
+
+def _noncanonical(text: str) -> str:
+    """The same bytes with nonzero padding bits, or padding where no byte is missing:
+    lenient decoders accept either, we do not."""
+    if not text.endswith("="):
+        return text[:-1] + "="
+    i = len(text.rstrip("=")) - 1
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    return text[:i] + alphabet[alphabet.index(text[i]) | 1] + text[i + 1:]
+
+
+def _hostile_commit(kind: str, body: dict, data) -> tuple[dict, set[str]]:
+    """``body`` (a compact commit's wire fields) changed in one hostile way, with the codes
+    that may refuse it."""
+    n, derived = body["pairs"], "derive" in body
+    if kind == "count":
+        body["pairs"] = n + data.draw(st.sampled_from([-1, 1, 3, 1000]))
+        return body, {"bad_count", "out_of_range", "bad_slots"}
+    if kind == "truncated":
+        body["coefficients"] = body["coefficients"][:-4]
+        return body, {"bad_count"}
+    if kind == "bad_char":
+        text = body["coefficients"]
+        i = data.draw(st.integers(0, len(text) - 1))
+        body["coefficients"] = text[:i] + data.draw(st.sampled_from("*-_ \n.")) + text[i + 1:]
+        return body, {"bad_base64"}
+    if kind == "noncanonical":
+        body["coefficients"] = _noncanonical(body["coefficients"])
+        return body, {"bad_base64", "bad_count"}
+    if kind == "value":
+        bad = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e31, -1e300]))
+        values = list(struct.unpack(f"<{n}d", base64.b64decode(body["coefficients"])))
+        values[data.draw(st.integers(0, n - 1))] = bad
+        body["coefficients"] = _b64_floats(*values)
+        return body, {"non_finite", "out_of_range"}
+    if kind == "both_or_neither":
+        if derived:
+            body["seeds"] = base64.b64encode(bytes(8 * n)).decode()
+        else:
+            body.pop("seeds")
+        return body, {"missing_field"}
+    if not derived:  # the remaining kinds need slots: a wrong type for the seeds instead
+        body["seeds"] = data.draw(st.sampled_from([[1, 2], 7, None, {"a": 1}]))
+        return body, {"bad_type"}
+    derive = body["derive"]
+    runs = derive["slots"]
+    if kind == "run_seed":
+        derive["run_seed"] = data.draw(st.sampled_from([-1, 2**64, True, 1.5, "1"]))
+        return body, {"out_of_range", "bad_type"}
+    if kind == "per_client":
+        derive["per_client"] = data.draw(st.sampled_from([0, 1025, -3, None]))
+        return body, {"out_of_range", "bad_type"}
+    first, count = runs[0]
+    derive["slots"] = data.draw(st.sampled_from([
+        [[first, count], [first, 1]] + runs[1:],  # overlapping, not ascending
+        [[first, 0]] + runs,  # an empty run
+        [[first, count - 1], [first + count - 1, 1]] + runs[1:] if count > 1
+        else [[first, 1], [first, 1]],  # not maximal, or repeated
+        [[first, count, 0]] + runs[1:],  # not a pair
+        [[True, count]] + runs[1:],  # not an integer
+        [[100_000 * derive["per_client"] - count + 1, count]] + runs[1:],  # past the round
+        runs[1:] + [[first, count]] if len(runs) > 1 else [[-1, count]],  # out of order
+        {"first": first}, runs + [[10**9, 1]]]))
+    return body, {"bad_slots", "bad_count"}
+
+
+@given(commit_msg.filter(lambda m: m.commit.pairs), st.data())
+@settings(max_examples=400, deadline=None)
+def test_hostile_compact_commits_are_refused_with_their_reason(message, data):
+    kind = data.draw(st.sampled_from(["count", "truncated", "bad_char", "noncanonical", "value",
+                                      "both_or_neither", "run_seed", "per_client", "slots"]))
+    body, codes = _hostile_commit(kind, json.loads(encode(message)), data)
+    with pytest.raises(ProtocolError) as info:
+        decode(json.dumps(body).encode())
+    assert info.value.code in codes, (kind, info.value)
+    assert str(info.value)
+
+
+def test_a_version_1_commit_is_refused_on_the_wire():
+    old = {"v": 1, "type": "commit", "round": 0, "pairs": [[1, 0.5]], "fingerprint": "0" * 32}
+    with pytest.raises(ProtocolError, match="update the older side") as info:
+        decode(json.dumps(old).encode())
+    assert info.value.code == "bad_version"
 
 
 def test_topic_layout_and_agent_topic_parsing():

@@ -7,9 +7,11 @@ sending scaled-up scalars every round must not stop the run from converging.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
+import struct
 from collections import Counter
 
 import pytest
@@ -24,7 +26,7 @@ from protocols.messages import Capabilities, Hello, Result
 from protocols.robust import Robustness, scalar_bound, trimmed_keep
 from protocols.topics import Send
 from protocols.zo import ClientResult, aggregate, fingerprint
-from tests.test_rounds import RUN, Fleet, _pub, total_loss
+from tests.test_rounds import RUN, Fleet, total_loss
 
 HONEST_SHA = "ab" * 32  # what Fleet announces
 
@@ -41,7 +43,7 @@ def open_fleet() -> Fleet:
     fleet = Fleet(3)
     fleet.round()
     fleet.disconnect("a0")
-    fleet.orch.publish(*_pub(fleet.coord.open_round(["a0", "a1"], 0.0)))
+    fleet.open(["a0", "a1"])
     fleet.pump()
     return fleet
 
@@ -125,8 +127,8 @@ def hostile(draw, fleet: Fleet) -> tuple[str, bytes, set[str]]:
 def answer_a0(fleet: Fleet) -> None:
     """The straggler a0 gets the round start late and answers honestly."""
     a0 = fleet.agents["a0"]
-    start = encode(fleet.coord.current_round)
-    for send in a0.handle(a0.session.receive(topics.round_start(RUN), start)):
+    start = encode(fleet.coord.current_round.start_for("a0"))
+    for send in a0.handle(a0.session.receive(topics.agent(RUN, "a0", "inbox"), start)):
         fleet.coord.receive(send.topic, send.payload, 6.0)
 
 
@@ -290,3 +292,43 @@ def test_a_resumed_coordinator_clips_with_the_journaled_scales(tmp_path):
         assert stopped.coord.clipped >= 4
     assert got[True] == want
     assert got[False] != want  # the scales matter: without them the bits differ
+
+
+# --- what an agent refuses ---------------------------------------------------------------
+
+
+def session_state(agent) -> tuple:
+    s = agent.session
+    return (s.version, s.fingerprint, s._pending, s._busy, s._latest,
+            [w.tobytes() for w in agent.weights])
+
+
+def hostile_to_agent(fleet: Fleet, start_a0: bytes, start_a1: bytes) -> list[tuple[str, bytes]]:
+    """Messages that reach a0 and must do nothing: misaddressed, misplaced or malformed."""
+    inbox, commit = topics.agent(RUN, "a0", "inbox"), topics.commit(RUN)
+    body = json.loads(encode(fleet.coord.history[-1]))
+    cases = [(inbox, start_a1), (topics.agent(RUN, "a1", "inbox"), start_a0), (commit, start_a0),
+             (inbox, start_a0[:-1] + b',"pad":"' + b"x" * (64 << 10) + b'"}')]
+    for change in ({"coefficients": body["coefficients"][:-4]}, {"pairs": body["pairs"] + 1},
+                   {"coefficients": "*" + body["coefficients"][1:]},
+                   {"seeds": "AAAAAAAAAAA="}, {"derive": {**body["derive"], "slots": [[0, 0]]}},
+                   {"derive": {**body["derive"], "run_seed": 2**64}}, {"round": -1}):
+        cases.append((commit, json.dumps({**body, **change}).encode()))
+    nan = struct.pack("<d", math.nan) * body["pairs"]
+    cases.append((commit, json.dumps({**body, "coefficients": base64.b64encode(nan).decode()})
+                   .encode()))
+    return cases
+
+
+def test_an_agent_refuses_misaddressed_and_malformed_rounds_and_commits_and_changes_nothing():
+    fleet = Fleet(2)
+    fleet.round()
+    a0 = fleet.agents["a0"]
+    starts = fleet.coord.open_round(["a0", "a1"], 0.0)
+    for topic, payload in hostile_to_agent(fleet, starts[0].payload, starts[1].payload):
+        before, refused = session_state(a0), a0.session.refused
+        assert a0.session.receive(topic, payload) == [], topic
+        assert a0.session.refused == refused + 1, topic
+        assert session_state(a0) == before
+    sends = a0.handle(a0.session.receive(starts[0].topic, starts[0].payload))  # the real one
+    assert [decode(s.payload).seeds for s in sends] == [fleet.coord.current_round.assignments["a0"]]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import struct
+import zlib
+
 import pytest
 
+from protocols.compact import SeedSlots
 from protocols.directions import DirectionSpec
 from protocols.errors import JournalError
 from protocols.journal import MAGIC, Journal, read_journal
@@ -99,3 +104,44 @@ def test_out_of_order_commits_and_bad_files_are_refused(tmp_path):
         read_journal(tmp_path / "other")
     with pytest.raises(JournalError, match="base_version"):
         Journal.create(tmp_path / "k", {"run_id": "r"})
+
+
+def _write_format_1(path, chain: list[CommitMessage]) -> None:
+    """A journal as builds before wire version 2 wrote it: commits as JSON pairs."""
+    records = [{"type": "header", **HEADER}] + [
+        {"type": "commit", "round": m.commit.round, "pairs": [[s, c] for s, c in m.commit.pairs],
+         "fingerprint": m.fingerprint, "scale": 0.5 + m.commit.round} for m in chain]
+    payloads = [json.dumps(r, separators=(",", ":")).encode() for r in records]
+    path.write_bytes(b"ZOWJOURNAL1\n" + b"".join(
+        struct.pack("<II", len(p), zlib.crc32(p)) + p for p in payloads))
+
+
+def test_a_journal_of_the_old_format_replays_and_grows_in_its_own_format(tmp_path):
+    chain, final = _chain(4)
+    path = tmp_path / "old"
+    _write_format_1(path, chain[:3])
+    contents = read_journal(path)
+    assert contents.format == 1 and contents.commits == chain[:3]
+    assert contents.scales == {0: 0.5, 1: 1.5, 2: 2.5}
+    with Journal.open(path) as j:  # a run of the old build, resumed by this one
+        j.append_commit(chain[3])
+    data = path.read_bytes()
+    assert data.startswith(b"ZOWJOURNAL1\n") and b'"pairs":[[' in data.split(b"ZOWJOURNAL1\n")[1]
+    assert b'"coefficients"' not in data
+    w = initial_weights()
+    replay(w, [m.commit for m in read_journal(path).commits], DirectionSpec())
+    assert fingerprint(w) == final
+
+
+def test_a_new_journal_holds_compact_commits(tmp_path):
+    chain, _ = _chain(2)
+    derived = chain[1].commit  # seeds derive_seed(1, 1, k, 0): slots 0, 1, 2 with one each
+    compact = CommitMessage(derived, chain[1].fingerprint, SeedSlots(1, 1, (0, 1, 2)))
+    with Journal.create(tmp_path / "j", HEADER) as j:
+        j.append_commit(chain[0])  # a message without slots: its seeds go as bytes
+        j.append_commit(compact)
+    data = (tmp_path / "j").read_bytes()
+    assert data.startswith(MAGIC) and MAGIC != b"ZOWJOURNAL1\n" and b'"pairs":[' not in data
+    contents = read_journal(tmp_path / "j")
+    assert contents.format == 2 and contents.commits == [chain[0], compact]
+    assert contents.commits[1].slots == compact.slots

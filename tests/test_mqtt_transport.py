@@ -123,6 +123,39 @@ def test_retained_message_reaches_a_late_subscriber(mosquitto, clients, protocol
     assert late.get(timeout=5) == Message("zowarmup-test/model", b"manifest-v2", False)
 
 
+def test_round_starts_reach_only_their_agent_and_a_compact_commit_arrives_whole(mosquitto,
+                                                                               clients):
+    """The wire of a round over a real broker: each participant's start on its own inbox
+    and nowhere else; the retained commit, base64 and all, decodes to the same pairs."""
+    from protocols import topics
+    from protocols.codec import decode, encode
+    from protocols.coordinator import Coordinator, RoundPolicy
+    from protocols.directions import DirectionSpec
+    from protocols.messages import CommitMessage, SeedSlots
+    from protocols.zo import Commit
+    coord = Coordinator("mq", 9, DirectionSpec(), 0, "0" * 32, RoundPolicy(directions=2))
+    orch = clients(mosquitto.url)
+    agents = {a: clients(mosquitto.url) for a in ("a", "b", "c")}
+    for agent, t in agents.items():
+        t.subscribe(topics.agent("mq", agent, "inbox"), qos=1)
+    settle(*agents.values())
+    for send in coord.open_round(["b", "a"], 0.0):
+        orch.publish(send.topic, send.payload, qos=1, wait=True)
+    plan = coord.current_round
+    for agent in ("a", "b"):
+        got = agents[agent].get(timeout=5)
+        assert got.topic == topics.agent("mq", agent, "inbox")
+        assert decode(got.payload) == plan.start_for(agent)
+    slots = SeedSlots(9, 2, tuple(range(2000)))
+    message = CommitMessage(Commit(0, tuple(zip(slots.seeds(0), (k / 7 for k in range(2000))))),
+                            "1" * 32, slots)
+    orch.publish(topics.commit("mq"), encode(message), qos=1, retain=True, wait=True)
+    late = clients(mosquitto.url)
+    late.subscribe(topics.commit("mq"), qos=1)
+    assert decode(late.get(timeout=5).payload) == message
+    assert all(t.get(timeout=0.2) is None for t in agents.values())  # c got no start at all
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_tcp_nodelay_is_set_on_the_client_socket(mosquitto, clients, protocol):
     t = clients(mosquitto.url, protocol=protocol)

@@ -9,10 +9,10 @@ import pytest
 
 from protocols import topics
 from protocols.bus import MemoryBus
-from protocols.codec import encode
+from protocols.codec import decode, encode
 from protocols.coordinator import Coordinator, RoundPolicy
 from protocols.directions import DirectionSpec
-from protocols.messages import ModelAnnounce, Result
+from protocols.messages import Capabilities, Hello, ModelAnnounce, Result
 from protocols.zo import apply_commit, fingerprint
 from tests.toy import ToyAgent, initial_weights, loss, make_shard
 
@@ -72,9 +72,13 @@ class Fleet:
                 for send in self.coord.receive(msg[0], msg[1], self.now):
                     self.orch.publish(*_pub(send))
 
+    def open(self, participants: list[str]) -> None:
+        for send in self.coord.open_round(participants, self.now):
+            self.orch.publish(*_pub(send))
+
     def round(self, participants: list[str] | None = None) -> None:
         participants = participants or sorted(self.clients)
-        self.orch.publish(*_pub(self.coord.open_round(participants, self.now)))
+        self.open(participants)
         self.pump()
         if not self.coord.ready(self.now):
             self.now += 1e6  # the deadline passes
@@ -111,11 +115,10 @@ def test_commit_is_independent_of_arrival_order():
     commits = []
     for order in (["a0", "a1", "a2"], ["a2", "a0", "a1"]):
         fleet = Fleet(3)
-        fleet.orch.publish(*_pub(fleet.coord.open_round(["a0", "a1", "a2"], 0.0)))
-        start_msg = fleet.clients["a0"].inbox[-1]
-        for agent_id in order:  # deliver the round start to agents one by one
+        fleet.open(["a0", "a1", "a2"])
+        for agent_id in order:  # deliver the round starts to agents one by one
             agent = fleet.agents[agent_id]
-            for send in agent.handle(agent.session.receive(*start_msg)):
+            for send in agent.handle(agent.session.receive(*fleet.clients[agent_id].get())):
                 fleet.clients[agent_id].publish(*_pub(send))
             while (msg := fleet.orch.get()) is not None:
                 fleet.coord.receive(msg[0], msg[1], 0.0)
@@ -127,7 +130,7 @@ def test_quorum_closes_early_and_stragglers_are_counted_not_applied():
     fleet = Fleet(4, RoundPolicy(eps=1e-3, lr=0.05, quorum=0.5, deadline_s=30))
     fleet.disconnect("a3")
     fleet.disconnect("a2")
-    fleet.orch.publish(*_pub(fleet.coord.open_round(["a0", "a1", "a2", "a3"], 0.0)))
+    fleet.open(["a0", "a1", "a2", "a3"])
     fleet.pump()
     assert fleet.coord.ready(0.0)  # 2 of 4 answered, quorum 0.5
     commit = fleet.coord.close_round()
@@ -141,7 +144,7 @@ def test_quorum_closes_early_and_stragglers_are_counted_not_applied():
 def test_deadline_closes_a_round_without_quorum():
     fleet = Fleet(3, RoundPolicy(quorum=1.0, deadline_s=10))
     fleet.disconnect("a2")
-    fleet.orch.publish(*_pub(fleet.coord.open_round(["a0", "a1", "a2"], 0.0)))
+    fleet.open(["a0", "a1", "a2"])
     fleet.pump()
     assert not fleet.coord.ready(5.0)
     assert fleet.coord.ready(10.0)
@@ -205,7 +208,7 @@ def test_hostile_results_are_refused_counted_and_change_nothing(case, code):
     fleet = Fleet(3)
     fleet.round()
     fleet.disconnect("a0")
-    fleet.orch.publish(*_pub(fleet.coord.open_round(["a0", "a1"], 0.0)))
+    fleet.open(["a0", "a1"])
     fleet.pump()  # a1 answers honestly; a2 is not in the round
     before = fleet.coord.round_results()
     topic = topics.agent(RUN, "a0", "result")
@@ -255,3 +258,55 @@ def test_gaussian_directions_run_the_same_protocol():
     for _ in range(3):
         fleet.round()
     assert set(fleet.fingerprints().values()) == {fingerprint(fleet.weights)}
+
+
+def test_round_starts_reach_only_participants_and_the_commit_names_seeds_by_slot():
+    fleet = Fleet(4, RoundPolicy(eps=1e-3, lr=0.05, directions=2))
+    watcher = fleet.bus.connect("watcher")
+    watcher.subscribe(f"zowarmup/{RUN}/#")
+    fleet.disconnect("a1")  # a participant that never answers
+    participants = ["a2", "a1", "a0"]
+    sends = fleet.coord.open_round(participants, fleet.now)
+    plan = fleet.coord.current_round
+    assert [s.topic for s in sends] == [topics.agent(RUN, a, "inbox") for a in participants]
+    for agent, send in zip(participants, sends):
+        assert decode(send.payload) == plan.start_for(agent)
+        assert decode(send.payload).seeds == plan.assignments[agent]
+        assert len(send.payload) < 400
+    for send in sends:
+        fleet.orch.publish(*_pub(send))
+    fleet.pump()
+    fleet.now += 1e6  # a1 never answers: the deadline closes the round
+    commit = fleet.coord.close_round()
+    apply_commit(fleet.weights, commit, fleet.spec)
+    fleet.orch.publish(*_pub(fleet.coord.committed(commit, fingerprint(fleet.weights))))
+    fleet.pump()
+    inboxes = {t for t, _ in watcher.inbox if t.endswith("/inbox")}
+    assert inboxes == {topics.agent(RUN, a, "inbox") for a in participants}  # not a3's
+    sent = decode(next(p for t, p in watcher.inbox if t == topics.commit(RUN)))
+    assert sent.commit == commit
+    assert sent.slots.slots == (0, 1, 4, 5)  # a2's two directions, then a0's: a1 is missing
+    assert json.loads(encode(sent))["derive"]["slots"] == [[0, 2], [4, 2]]
+    fleet.connect("a1")  # catches up from the kept commit
+    assert set(fleet.fingerprints().values()) == {fingerprint(fleet.weights)}
+
+
+def test_a_thousand_agent_round_sends_a_few_hundred_bytes_each_and_an_11_kb_commit():
+    """The messages of issue 7's load target: 1,000 participants, one direction each."""
+    n = 1000
+    coord = Coordinator(RUN, 2**64 - 1, DirectionSpec(), 0, "0" * 32, RoundPolicy())
+    ids = [f"sim-{i:05d}" for i in range(n)]
+    for agent in ids:
+        coord.receive(topics.agent(RUN, agent, "hello"),
+                      encode(Hello(agent, Capabilities(1, 1, 10), "ab" * 32, 0, "0" * 32)), 0.0)
+    starts = coord.open_round(ids, 0.0)
+    assert max(len(s.payload) for s in starts) < 300
+    for agent, send in zip(ids, starts):
+        start = decode(send.payload)
+        result = Result(agent, 0, start.seeds, (0.25 - len(agent) * 1e-3,), 10, "0" * 32)
+        coord.receive(topics.agent(RUN, agent, "result"), encode(result), 1.0)
+    assert len(coord.round_results()) == n and not coord.refused
+    commit = coord.close_round()
+    payload = coord.committed(commit, "1" * 32).payload
+    assert len(payload) < 11 * n
+    assert decode(payload).commit == commit
