@@ -316,9 +316,11 @@ def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
     try:
         summary = execute(config, run_dir, simulate=True, workers=workers)
     except RunError as exc:
-        if not search or "diverged" not in str(exc):
+        if "diverged" not in str(exc):
             raise
-        log.info("%s: diverged (%s)", label, exc)  # a search run may: its candidate loses
+        # A search candidate that diverges loses; a table run that diverges is a result
+        # (an ablation's setting may be unstable) and its cell says so.
+        log.warning("%s: diverged (%s)", label, exc)
         (run_dir / DIVERGED).write_text(json.dumps({"error": str(exc)}) + "\n")
         return
     figure = summary["final_val_acc"] if search else summary["final_acc"]
@@ -345,24 +347,36 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
     from .run import SUMMARY
     rows: dict[tuple, dict] = {}
     for cell in grid.cells(chosen):
-        summary_file = cell.directory(grid.out) / SUMMARY
-        if not summary_file.exists():
+        run_dir = cell.directory(grid.out)
+        diverged = (run_dir / DIVERGED).exists()
+        if not diverged and not (run_dir / SUMMARY).exists():
             continue
-        summary = json.loads(summary_file.read_text())
         config = grid.config(cell)
-        key = (cell.setting, cell.method)
-        row = rows.setdefault(key, {
-            "dataset": summary["dataset"], "model": summary["model"],
-            "split": summary.get("split", config.data.split), "method": cell.method,
+        row = rows.setdefault((cell.setting, cell.method), {
+            "dataset": config.data.dataset, "model": config.model.name,
+            "split": config.data.split, "method": cell.method,
             "setting": {k: v for k, v in cell.setting}, "chosen": dict(cell.tuned),
-            "seeds": [], "accuracies": []})
+            "seeds": [], "accuracies": [], "diverged_seeds": []})
+        if diverged:
+            row["diverged_seeds"].append(cell.seed)
+            continue
         row["seeds"].append(cell.seed)
-        row["accuracies"].append(summary["final_acc"])
+        row["accuracies"].append(json.loads((run_dir / SUMMARY).read_text())["final_acc"])
     for row in rows.values():
         accs = row["accuracies"]
-        row["mean"] = sum(accs) / len(accs)
-        row["std"] = math.sqrt(sum((a - row["mean"]) ** 2 for a in accs) / len(accs))
+        row["mean"] = sum(accs) / len(accs) if accs else None
+        row["std"] = (math.sqrt(sum((a - row["mean"]) ** 2 for a in accs) / len(accs))
+                      if accs else None)
     return list(rows.values())
+
+
+def _cell_text(row: dict) -> str:
+    """``mean (std)`` in percent, and how many seeds diverged, if any did."""
+    lost = len(row["diverged_seeds"])
+    if row["mean"] is None:
+        return f"diverged ({lost}/{lost})"
+    text = f"{100 * row['mean']:.2f} ({100 * row['std']:.2f})"
+    return text + (f", {lost} of {lost + len(row['seeds'])} seeds diverged" if lost else "")
 
 
 def markdown(grid: Grid, rows: list[dict], chosen: bool = False) -> str:
@@ -382,8 +396,7 @@ def markdown(grid: Grid, rows: list[dict], chosen: bool = False) -> str:
                                        for k, v in match[0]["chosen"].items())
                              if match else "-")
                 continue
-            cells.append(f"{100 * match[0]['mean']:.2f} ({100 * match[0]['std']:.2f})"
-                         if match else "-")
+            cells.append(_cell_text(match[0]) if match else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -402,7 +415,7 @@ def write_results(grid: Grid, rows: list[dict], out_dir: Path, command: str) -> 
                   f"in percent.\n\n{markdown(grid, rows)}{tuned}\nMade by:\n\n```sh\n"
                   f"{command}\n```\n")
     keys = ("dataset", "model", "split", "method", "setting", "chosen", "seeds", "mean", "std",
-            "accuracies")
+            "accuracies", "diverged_seeds")
     js.write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
     plot(grid, rows, png)
     return [md, js, png]
@@ -423,8 +436,9 @@ def plot(grid: Grid, rows: list[dict], path: Path) -> None:
         for s in settings:
             match = [r for r in rows if tuple(r["setting"].items()) == s
                      and r["method"] == method]
-            means.append(100 * match[0]["mean"] if match else float("nan"))
-            stds.append(100 * match[0]["std"] if match else 0.0)
+            done = match and match[0]["mean"] is not None  # all seeds diverged: no bar
+            means.append(100 * match[0]["mean"] if done else float("nan"))
+            stds.append(100 * match[0]["std"] if done else 0.0)
         xs = [i + (m - (len(methods) - 1) / 2) * width for i in range(len(settings))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=method)
     ax.set_xticks(range(len(settings)), labels)

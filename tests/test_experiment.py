@@ -163,3 +163,23 @@ def test_a_run_the_split_does_not_change_is_run_once(tmp_path, monkeypatch):
     assert len(dirs) == 2 and sum(d.is_symlink() for d in dirs) == 1
     hro = sorted((tmp_path / "runs").glob("split=*/High-Res-Only/seed-0"))
     assert len(hro) == 2 and not any(d.is_symlink() for d in hro)
+
+
+def test_a_table_run_that_diverges_is_reported_not_fatal(tmp_path, monkeypatch):
+    from orchestrator.experiment import DIVERGED, load_grid, markdown, run_grid, write_results
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(BASE)
+    grid_text = GRID.format(out=tmp_path / "runs").replace('"25/75", "75/25"', '"50/50"')
+    grid_text = grid_text.replace('"ZOWarmUp" = {{ "run.method" = "zowarmup" }}'.format(),
+                                  '"ZOWarmUp" = { "run.method" = "zowarmup", "zo.lr" = 1e6 }')
+    (tmp_path / "grid.toml").write_text(grid_text.replace("seeds = [0, 1]", "seeds = [0]"))
+    rows = run_grid(load_grid(tmp_path / "grid.toml"))
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["ZOWarmUp"]["diverged_seeds"] == [0]
+    assert by_method["ZOWarmUp"]["mean"] is None
+    assert by_method["High-Res-Only"]["mean"] is not None
+    assert len(list((tmp_path / "runs").rglob(DIVERGED))) == 1
+    grid = load_grid(tmp_path / "grid.toml")
+    assert "diverged (1/1)" in markdown(grid, rows)
+    files = write_results(grid, rows, tmp_path / "results", "zowarmup experiment grid.toml")
+    assert json.loads(files[1].read_text())[1]["diverged_seeds"] == [0]
