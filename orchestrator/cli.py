@@ -329,12 +329,28 @@ def broker(host: str, port: int) -> None:
         embedded = EmbeddedBroker(host, port).start()
     except Exception as exc:  # noqa: BLE001 - a port in use, a bad host: say so
         raise click.ClickException(f"cannot start the broker on {host}:{port}: {exc}") from None
-    click.echo(f"broker listening on {embedded.url}; Ctrl-C stops it")
+    click.echo(f"broker listening on {embedded.url}; Ctrl-C or SIGTERM stops it")
+    try:
+        _wait_for_stop()
+    finally:
+        embedded.stop()
+
+
+def _wait_for_stop() -> None:
+    """Sleep until Ctrl-C or SIGTERM (what systemd and `kill` send). A server started from
+    a script's background job inherits SIGINT ignored, so SIGTERM is the stop it still
+    hears; either way the caller's cleanup runs."""
+    import signal
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        embedded.stop()
+        return
 
 
 @main.command("broker-config")
@@ -489,11 +505,10 @@ def serve_model(model_dir: Path, host: str, port: int, api_key_file: Path | None
     spec = server.service.spec
     click.echo(f"serving {spec.name} ({spec.input_dtype} [batch, "
                f"{', '.join(map(str, spec.input_shape))}], {spec.num_classes} classes) at "
-               f"{server.url}; Ctrl-C stops it", nl=True)
+               f"{server.url}; Ctrl-C or SIGTERM stops it", nl=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        _wait_for_stop()
+    finally:
         server.stop()
         for device, count in server.service.queries().items():
             click.echo(f"{device}: {count} queries")
