@@ -356,13 +356,18 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
             "dataset": config.data.dataset, "model": config.model.name,
             "split": config.data.split, "method": cell.method,
             "setting": {k: v for k, v in cell.setting}, "chosen": dict(cell.tuned),
-            "seeds": [], "accuracies": [], "diverged_seeds": []})
+            "seeds": [], "accuracies": [], "diverged_seeds": [], "pivot_accuracies": []})
         if diverged:
             row["diverged_seeds"].append(cell.seed)
             continue
+        summary = json.loads((run_dir / SUMMARY).read_text())
         row["seeds"].append(cell.seed)
-        row["accuracies"].append(json.loads((run_dir / SUMMARY).read_text())["final_acc"])
+        row["accuracies"].append(summary["final_acc"])
+        if summary.get("pivot_acc") is not None:  # ZOWarmUp: the warm-up's model at the pivot
+            row["pivot_accuracies"].append(summary["pivot_acc"])
     for row in rows.values():
+        pivots = row["pivot_accuracies"]
+        row["pivot_mean"] = sum(pivots) / len(pivots) if pivots else None
         accs = row["accuracies"]
         row["mean"] = sum(accs) / len(accs) if accs else None
         row["std"] = (math.sqrt(sum((a - row["mean"]) ** 2 for a in accs) / len(accs))
@@ -379,9 +384,10 @@ def _cell_text(row: dict) -> str:
     return text + (f", {lost} of {lost + len(row['seeds'])} seeds diverged" if lost else "")
 
 
-def markdown(grid: Grid, rows: list[dict], chosen: bool = False) -> str:
+def markdown(grid: Grid, rows: list[dict], chosen: bool = False, pivot: bool = False) -> str:
     """Settings down, methods across, ``mean (std)`` in percent, as the paper's tables
-    (or, with ``chosen``, the values the search picked for each cell)."""
+    (or, with ``chosen``, the values the search picked for each cell; with ``pivot``, the
+    mean accuracy of the warm-up's model at the pivot, where a method has one)."""
     settings = list(dict.fromkeys(tuple(r["setting"].items()) for r in rows))
     methods = list(grid.methods)
     head = [", ".join(k.split(".")[-1] for k in grid.axes) or "setting", *methods]
@@ -395,6 +401,10 @@ def markdown(grid: Grid, rows: list[dict], chosen: bool = False) -> str:
                 cells.append(", ".join(f"{k.split('.')[-1]} {v}"
                                        for k, v in match[0]["chosen"].items())
                              if match else "-")
+                continue
+            if pivot:
+                value = match[0]["pivot_mean"] if match else None
+                cells.append("-" if value is None else f"{100 * value:.2f}")
                 continue
             cells.append(_cell_text(match[0]) if match else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -411,11 +421,15 @@ def write_results(grid: Grid, rows: list[dict], out_dir: Path, command: str) -> 
         tuned = (f"\nValues chosen on a validation split ({grid.search.validation:.0%} of the "
                  f"training data, seeds {list(grid.search.seeds)}):\n\n"
                  f"{markdown(grid, rows, chosen=True)}")
+    pivots = ""
+    if any(r["pivot_mean"] is not None for r in rows):
+        pivots = ("\nTest accuracy at the pivot (the warm-up's model, before any ZO round), "
+                  f"mean over the same seeds:\n\n{markdown(grid, rows, pivot=True)}")
     md.write_text(f"# {grid.name}\n\nFinal test accuracy, mean (std) over {seeds} seed(s), "
-                  f"in percent.\n\n{markdown(grid, rows)}{tuned}\nMade by:\n\n```sh\n"
-                  f"{command}\n```\n")
+                  f"in percent.\n\n{markdown(grid, rows)}{pivots}{tuned}\nMade by:\n\n"
+                  f"```sh\n{command}\n```\n")
     keys = ("dataset", "model", "split", "method", "setting", "chosen", "seeds", "mean", "std",
-            "accuracies", "diverged_seeds")
+            "accuracies", "diverged_seeds", "pivot_mean", "pivot_accuracies")
     js.write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
     plot(grid, rows, png)
     return [md, js, png]

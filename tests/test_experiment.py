@@ -64,6 +64,10 @@ def test_a_grid_runs_every_cell_and_tabulates_mean_and_std(tmp_path, monkeypatch
     data = json.loads(files[1].read_text())
     assert {"dataset", "model", "split", "method", "seeds", "mean", "std"} <= set(data[0])
     assert "zowarmup experiment grid.toml" in files[0].read_text()
+    by_method = {r["method"]: r for r in data}
+    assert by_method["High-Res-Only"]["pivot_mean"] is None  # no pivot: it never switches
+    assert 0.0 <= by_method["ZOWarmUp"]["pivot_mean"] <= 1.0
+    assert "at the pivot" in files[0].read_text()
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # finished runs are kept: a second call runs nothing and gives the same table
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
