@@ -10,7 +10,6 @@ in one place, in order.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from protocols.agent_session import AgentSession, Apply, Compute, LoadModel, Refused
 from protocols.errors import ProtocolError, ZoError
-from protocols.messages import Capabilities
+from protocols.messages import Capabilities, sendable
 from protocols.topics import Send
 
 from . import memory
@@ -168,8 +167,8 @@ class AgentDaemon:
         except ZoError as exc:  # a black box that refused (budget) or cannot be reached
             log.error("round %d: %s; no result sent", start.round, exc)
             return self.session.skipped()
-        if not (math.isfinite(out.loss) and all(math.isfinite(g) for g in out.scalars)):
-            log.error("round %d: the loss is not finite on this shard (loss %s): the model has "
+        if not sendable(out.loss, out.scalars):
+            log.error("round %d: the loss is not usable on this shard (loss %s): the model has "
                       "diverged; no result sent. Lower the run's ZO learning rate.",
                       start.round, out.loss)
             return self.session.skipped()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from protocols.codec import decode, encode
 from protocols.coordinator import Coordinator
 from protocols.directions import DirectionSpec
 from protocols.manifest import MANIFEST, load_manifest, read_weights
-from protocols.messages import Capabilities, CommitMessage, Hello, Result
+from protocols.messages import Capabilities, CommitMessage, Hello, Result, sendable
 from protocols.zo import apply_commit, fingerprint
 
 from .fleet import strategy_for
@@ -66,7 +65,7 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
                 engine.select_device(agent)
             engine.strategy = strategy_for(Path(model_dir), len(shard))  # as local agents
             out = engine.round(start.seeds, start.eps, start.local_steps, start.local_lr)
-            if not (math.isfinite(out.loss) and all(math.isfinite(g) for g in out.scalars)):
+            if not sendable(out.loss, out.scalars):
                 diverged.append(agent)  # as an agent does: nothing is sent
                 continue
             results.append(encode(Result(agent, start.round, start.seeds, out.scalars,

@@ -10,6 +10,7 @@ and its commit makes version ``k + 1``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -173,6 +174,17 @@ class RoundStart:
                    v.number(d, "local_lr", w, 0.0, 1e6))
 
 
+MAX_LOSS = 1e30  # the bound every float on the wire has
+
+
+def sendable(loss: float, scalars: tuple[float, ...] | list[float]) -> bool:
+    """Whether an engine's round can go out as a Result. A non-finite value, or a loss past
+    the wire's bound, means the model has diverged on this shard: the agent sends nothing
+    (the round closes without it) instead of a message every receiver would refuse."""
+    return (math.isfinite(loss) and abs(loss) <= MAX_LOSS
+            and all(math.isfinite(g) for g in scalars))
+
+
 @dataclass(frozen=True)
 class Result:
     """Agent -> orchestrator: one projected gradient per seed, on state ``fingerprint``."""
@@ -207,7 +219,8 @@ class Result:
                                 "bad_scalars")
         return cls(v.identifier(d, "agent_id", w), v.integer(d, "round", w, 0, _ROUND_MAX),
                    seeds, scalars, v.integer(d, "samples", w, 1, 1 << 40),
-                   v.hexdigest(d, "fingerprint", w, _FP), v.number(d, "loss", w, -1e30, 1e30),
+                   v.hexdigest(d, "fingerprint", w, _FP),
+                   v.number(d, "loss", w, -MAX_LOSS, MAX_LOSS),
                    v.number(d, "compute_s", w, 0.0, 1e9),
                    v.integer(d, "queries", w, 0, 1 << 40) if "queries" in d else 0)
 

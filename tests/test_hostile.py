@@ -332,3 +332,18 @@ def test_an_agent_refuses_misaddressed_and_malformed_rounds_and_commits_and_chan
         assert session_state(a0) == before
     sends = a0.handle(a0.session.receive(starts[0].topic, starts[0].payload))  # the real one
     assert [decode(s.payload).seeds for s in sends] == [fleet.coord.current_round.assignments["a0"]]
+
+
+def test_an_agent_sends_only_what_the_wire_would_accept():
+    """A diverged model's loss can be finite yet past the wire's bound: the agent (and the
+    simulation) must drop that round rather than send a result every receiver refuses."""
+    from protocols.codec import decode, encode
+    from protocols.errors import ProtocolError
+    from protocols.messages import MAX_LOSS, Result, sendable
+    assert sendable(2.3, [0.1, -4.0]) and sendable(MAX_LOSS, [1e20])
+    for loss, scalars in ((float("nan"), [0.1]), (float("inf"), [0.1]), (1.09e31, [0.1]),
+                          (-1.09e31, [0.1]), (2.3, [float("nan")]), (2.3, [float("-inf")])):
+        assert not sendable(loss, scalars)
+    wire = encode(Result("pi-1", 0, (7,), (0.5,), 10, "0" * 32, 1.09e31, 0.1))
+    with pytest.raises(ProtocolError, match="loss"):
+        decode(wire)
