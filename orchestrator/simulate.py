@@ -147,8 +147,9 @@ class Simulation:
                 c.receive(topics.agent(c.run_id, agent, "result"), payload, time.time())
         if not c.round_results() and diverged:
             from .run import RunError
-            raise RunError(f"the ZO phase diverged in round {c.version}: the loss is not "
-                           f"finite on any client's shard; rerun with a lower zo.lr")
+            raise RunError(f"the ZO phase diverged in round {c.version}: no client's loss "
+                           "is usable (non-finite or past the wire's bounds); rerun with a "
+                           "lower zo.lr")
         if not c.round_results():
             raise RuntimeError(f"simulated round {c.version}: every result was refused "
                                f"({c.refusals[-1] if c.refusals else 'none arrived'})")

@@ -69,6 +69,7 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, model, progress: Progress,
             stack.callback(fleet.stop)
         evaluator = Evaluator(rd.path / "model", server.manifest, server.weights,
                               plan.dataset.x_test, plan.dataset.y_test, config.eval.batch_size)
+        _recover_metrics(config, plan, rd, evaluator, history, started)
         pool = plan.agent_ids[:count] if count else None
         for version in range(server.coordinator.version, plan.zo_rounds):
             _round(config, plan, rd, server, evaluator, pool, version, progress, started)
@@ -98,6 +99,7 @@ def _simulated(config: Config, plan: Plan, rd: RunDir, progress: Progress, start
             sim = HiLoRounds(sim, part, plan, rd.path, plan.warmup_rounds)
         evaluator = Evaluator(rd.path / "model", sim.manifest, sim.weights,
                               plan.dataset.x_test, plan.dataset.y_test, config.eval.batch_size)
+        _recover_metrics(config, plan, rd, evaluator, history, started)
         for version in range(sim.coordinator.version, plan.zo_rounds):
             participants = choose(config, plan.agent_ids, version)
             _record(config, plan, rd, sim, evaluator, participants, version, progress, started)
@@ -160,23 +162,50 @@ def _round(config: Config, plan: Plan, rd: RunDir, server: RoundServer, evaluato
     _record(config, plan, rd, server, evaluator, participants, version, progress, started)
 
 
+def _answered(config: Config, commit) -> int:
+    return len({seed for seed, _ in commit.pairs}) // max(1, config.zo.directions
+                                                          * config.zo.local_steps)
+
+
+def _scores(config: Config, plan: Plan, evaluator: Evaluator, version: int) -> dict:
+    """The evaluation after round ``version``, on the rounds ``eval.every`` picks."""
+    if (version + 1) % config.eval.every and version + 1 != plan.zo_rounds:
+        return {"test_acc": None, "test_loss": None}
+    return evaluation_row({name: evaluator.measure(x, y)
+                           for name, (x, y) in plan.evaluation_sets().items()})
+
+
+def _recover_metrics(config: Config, plan: Plan, rd: RunDir, evaluator: Evaluator,
+                     history: list, started: float) -> None:
+    """A stop between a commit's journal record and its metrics row loses the row. The
+    replayed weights are that round's result, so the row is written again (evaluated if
+    the round was an evaluation round), and the metrics hold every journaled round once."""
+    if not history:
+        return
+    version = len(history) - 1
+    global_round = plan.warmup_rounds + version
+    if any(r["round"] == global_round for r in rd.metrics()):
+        return
+    scores = _scores(config, plan, evaluator, version)
+    log.info("round %d: its metrics were lost in the stop; written again", global_round)
+    rd.log_metrics({"round": global_round, "phase": "zo", **scores, "participants": 0,
+                    "answered": _answered(config, history[-1].commit), "recovered": True,
+                    "wall_s": time.time() - started})
+
+
 def _record(config: Config, plan: Plan, rd: RunDir, server, evaluator: Evaluator,
             participants: list[str], version: int, progress: Progress, started: float) -> None:
     """Run one round on ``server`` (MQTT or simulated), evaluate, and log its metrics."""
     up, down = server.result_bytes, server.downlink_bytes
     commit = server.run_round(participants)
-    answered = len({seed for seed, _ in commit.pairs}) // max(1, config.zo.directions
-                                                           * config.zo.local_steps)
+    answered = _answered(config, commit)
     global_round = plan.warmup_rounds + version
-    scores: dict = {"test_acc": None, "test_loss": None}
-    if (version + 1) % config.eval.every == 0 or version + 1 == plan.zo_rounds:
-        scores = evaluation_row({name: evaluator.measure(x, y)
-                                 for name, (x, y) in plan.evaluation_sets().items()})
-        loss = scores["test_loss"]
-        if not math.isfinite(loss) or loss > 1e6:
-            raise RunError(f"the ZO phase diverged at round {global_round} (test loss "
-                           f"{loss:.3g}); resume cannot help: rerun with a lower zo.lr "
-                           f"(now {config.zo.lr}) or zo.eps (now {config.zo.eps})")
+    scores = _scores(config, plan, evaluator, version)
+    loss = scores["test_loss"]
+    if loss is not None and (not math.isfinite(loss) or loss > 1e6):
+        raise RunError(f"the ZO phase diverged at round {global_round} (test loss "
+                       f"{loss:.3g}); resume cannot help: rerun with a lower zo.lr "
+                       f"(now {config.zo.lr}) or zo.eps (now {config.zo.eps})")
     if not commit.pairs:
         log.warning("round %d closed with no result (deadline %.0f s); nothing changed",
                     global_round, config.zo.deadline_s)

@@ -25,6 +25,7 @@ from .compact import (
 )
 from .directions import DirectionSpec
 from .errors import ProtocolError
+from .robust import MAX_SCALAR
 from .zo import Commit
 
 MAX_AGENTS_PER_ROUND = compact.MAX_AGENTS_PER_ROUND  # the orchestrator's config checks these
@@ -178,11 +179,12 @@ MAX_LOSS = 1e30  # the bound every float on the wire has
 
 
 def sendable(loss: float, scalars: tuple[float, ...] | list[float]) -> bool:
-    """Whether an engine's round can go out as a Result. A non-finite value, or a loss past
-    the wire's bound, means the model has diverged on this shard: the agent sends nothing
-    (the round closes without it) instead of a message every receiver would refuse."""
+    """Whether an engine's round can go out as a Result. A non-finite value, a loss past
+    the wire's bound or a scalar past the coordinator's (``robust.MAX_SCALAR``) means the
+    model has diverged on this shard: the agent sends nothing (the round closes without
+    it) instead of a message the orchestrator would refuse."""
     return (math.isfinite(loss) and abs(loss) <= MAX_LOSS
-            and all(math.isfinite(g) for g in scalars))
+            and all(math.isfinite(g) and abs(g) <= MAX_SCALAR for g in scalars))
 
 
 @dataclass(frozen=True)

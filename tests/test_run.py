@@ -209,3 +209,23 @@ def test_a_simulated_run_ends_on_the_bits_of_the_mqtt_run(embedded_run, config_f
     mqtt = (embedded_run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["test_acc"] for line in sim] == [
         json.loads(line)["test_acc"] for line in mqtt]
+
+
+def test_a_stop_between_the_journal_and_the_metrics_loses_no_round(config_file, tmp_path):
+    """The last commit is journaled but its metrics row was never written (a kill in
+    between): resume writes the row again, evaluated on the replayed weights."""
+    out = tmp_path / "stopped"
+    done = zowarmup("run", str(config_file), "--out", str(out), "--simulate",
+                    cwd=config_file.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["test_acc"] is not None  # the last round is evaluated
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:-1]))
+    (out / "summary.json").unlink()
+    again = zowarmup("resume", str(out), cwd=config_file.parent)
+    assert again.returncode == 0, again.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [json.loads(line)["round"] for line in lines]
+    assert rows[-1]["recovered"] and rows[-1]["test_acc"] == last["test_acc"]
+    assert summary_of(out)["final_acc"] == last["test_acc"]
