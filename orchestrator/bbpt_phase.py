@@ -39,7 +39,7 @@ from .bbpt_prepare import Prepared, prepare
 from .config import Config
 from .fleet import LocalFleet
 from .progress import Progress
-from .run import SUMMARY, RunDir, RunError, journal_commits, open_journal, round_policy
+from .run import SUMMARY, Diverged, RunDir, journal_commits, open_journal, round_policy
 
 log = logging.getLogger("zowarmup.bbpt")
 
@@ -204,7 +204,7 @@ def _round(config: Config, rd: RunDir, prepared: Prepared, server, evaluate, ver
     if (version + 1) % config.eval.every == 0 or version + 1 == config.zo.rounds:
         loss, acc = evaluate(server.weights)
         if not math.isfinite(loss):
-            raise RunError(f"prompt tuning diverged at round {version}; lower zo.lr")
+            raise Diverged(f"prompt tuning diverged at round {version}; lower zo.lr")
     queries = {agent: result.queries for agent, result in sorted(results.items())}
     rd.log_metrics({"round": version, "phase": "bbpt", "test_acc": acc, "test_loss": loss,
                     "participants": len(participants), "answered": len(results),

@@ -305,7 +305,7 @@ def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
          workers: int | None = None) -> None:
     import torch
 
-    from .run import RunError, execute
+    from .run import Diverged, execute
     torch.set_num_threads(1)
     root = grid.search_root() if search else grid.out
     run_dir = cell.directory(root)
@@ -315,9 +315,7 @@ def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
     log.info("%s: %s", label, run_dir)
     try:
         summary = execute(config, run_dir, simulate=True, workers=workers)
-    except RunError as exc:
-        if "diverged" not in str(exc):
-            raise
+    except Diverged as exc:
         # A search candidate that diverges loses; a table run that diverges is a result
         # (an ablation's setting may be unstable) and its cell says so.
         log.warning("%s: diverged (%s)", label, exc)

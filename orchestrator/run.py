@@ -56,6 +56,11 @@ class RunError(ZoError):
     """A run that cannot start or continue, with what to do about it."""
 
 
+class Diverged(RunError):
+    """The training itself blew up (a loss no longer usable): the settings' fault, not the
+    machine's, so a grid records it as the run's result instead of stopping."""
+
+
 @dataclass
 class Plan:
     """What follows from the config alone: the data, who holds what, who is high-resource."""

@@ -146,8 +146,8 @@ class Simulation:
                 agent = decode(payload).agent_id
                 c.receive(topics.agent(c.run_id, agent, "result"), payload, time.time())
         if not c.round_results() and diverged:
-            from .run import RunError
-            raise RunError(f"the ZO phase diverged in round {c.version}: no client's loss "
+            from .run import Diverged
+            raise Diverged(f"the ZO phase diverged in round {c.version}: no client's loss "
                            "is usable (non-finite or past the wire's bounds); rerun with a "
                            "lower zo.lr")
         if not c.round_results():

@@ -25,6 +25,7 @@ from .fleet import LocalFleet
 from .progress import Progress
 from .rounds import RoundServer
 from .run import (
+    Diverged,
     Plan,
     RunDir,
     RunError,
@@ -203,7 +204,7 @@ def _record(config: Config, plan: Plan, rd: RunDir, server, evaluator: Evaluator
     scores = _scores(config, plan, evaluator, version)
     loss = scores["test_loss"]
     if loss is not None and (not math.isfinite(loss) or loss > 1e6):
-        raise RunError(f"the ZO phase diverged at round {global_round} (test loss "
+        raise Diverged(f"the ZO phase diverged at round {global_round} (test loss "
                        f"{loss:.3g}); resume cannot help: rerun with a lower zo.lr "
                        f"(now {config.zo.lr}) or zo.eps (now {config.zo.eps})")
     if not commit.pairs:
