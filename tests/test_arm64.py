@@ -45,3 +45,84 @@ def test_the_check_refuses_bad_arguments_before_it_touches_anything(args, messag
                                                       "ZOWARMUP_ARM64_ROOT": str(root)})
     assert done.returncode == 2 and message in done.stderr
     assert not root.exists()
+
+
+def _print_mirror(tmp_path, sources: dict[str, str], **env) -> subprocess.CompletedProcess:
+    """`arm64-check --print-mirror` against an apt directory holding these files."""
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    for name, text in sources.items():
+        (apt / name).write_text(text)
+    return subprocess.run([str(ROOT / "scripts" / "arm64-check"), "--print-mirror"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "ZOWARMUP_APT_SOURCES_DIR": str(apt),
+                               "ZOWARMUP_ARM64_ROOT": str(tmp_path / "root"), **env})
+
+
+DEB822 = """\
+Types: deb
+URIs: http://apt-proxy.invalid:3142/debian-security
+Suites: bookworm-security
+Components: main
+
+# a mirror the host stopped using
+Enabled: no
+Types: deb
+URIs: file:///srv/old/debian
+Suites: bookworm
+Components: main
+
+Types: deb-src
+URIs: file:///srv/src/debian
+Suites: bookworm
+Components: main
+
+Types: deb
+URIs: http://apt-proxy.invalid:3142/debian/
+Suites: bookworm
+ bookworm-updates
+Components: contrib
+ main
+"""
+
+
+@pytest.mark.parametrize("sources, mirror", [
+    ({"sources.list.d/debian.sources": DEB822}, "http://apt-proxy.invalid:3142/debian"),
+    ({"sources.list": "# deb file:///srv/commented bookworm main\n"
+                      "deb-src file:///srv/src bookworm main\n"
+                      "deb [arch=amd64 signed-by=/k.gpg] file:///srv/mirror/debian/ bookworm"
+                      " main contrib # local\n"}, "file:///srv/mirror/debian"),
+    # a release with main, for the suite first; other files and components do not count
+    ({"sources.list": "deb file:///srv/a/debian trixie main\n",
+      "sources.list.d/extra.list": "deb file:///srv/b/debian bookworm contrib\n",
+      "sources.list.d/zz.sources": "Types: deb\nURIs: file:///srv/c/debian\n"
+                                   "Suites: bookworm\nComponents: main\n",
+      "sources.list.d/old.list.disabled": "deb file:///srv/d/debian bookworm main\n"},
+     "file:///srv/c/debian"),
+    ({"sources.list": "deb file:///srv/a/debian trixie main\n"}, "file:///srv/a/debian"),
+])
+def test_the_mirror_is_the_one_the_hosts_apt_uses(sources, mirror, tmp_path):
+    done = _print_mirror(tmp_path, sources)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{mirror}\n"
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_mirror_setting_overrides_the_hosts_apt(tmp_path):
+    done = _print_mirror(tmp_path, {"sources.list": "deb file:///srv/a/debian bookworm main\n"},
+                         ZOWARMUP_ARM64_MIRROR="file:///srv/chosen/debian")
+    assert (done.returncode, done.stdout) == (0, "file:///srv/chosen/debian\n"), done.stderr
+
+
+@pytest.mark.parametrize("sources", [
+    {},
+    {"sources.list": "deb file:///srv/a/debian-security bookworm-security main\n"
+                     "deb file:///srv/a/debian bookworm/updates main\n"
+                     "deb file:///srv/a/debian bookworm non-free\n"
+                     "deb cdrom:[Debian 12]/ bookworm main\n"},
+])
+def test_without_a_mirror_it_says_what_to_set(sources, tmp_path):
+    done = _print_mirror(tmp_path, sources)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "no Debian mirror in the host's apt sources" in done.stderr
+    assert "set ZOWARMUP_ARM64_MIRROR" in done.stderr

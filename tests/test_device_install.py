@@ -4,9 +4,12 @@ in a minute and never compiles numpy or ONNX Runtime, and the agent's own wheel 
 Python, one wheel for every board.
 
 pip resolves the install for the board's platform and Python without installing anything
-(``--dry-run --report``); it reads the dependencies' metadata from the index, so these
-tests need PyPI. Unreachable, they fail and say so; ZOWARMUP_OFFLINE=1 turns that into a
-skip that says the check did not run.
+(``--dry-run --report``), from the indexes pip is configured with on this machine (its
+index, extra indexes and find-links, from pip.conf or PIP_* variables), the way a
+``pip download`` would; ZOWARMUP_DEVICE_INDEX names one index to use instead. It reads the
+dependencies' metadata there, so these tests need that index. When pip can get nothing from
+it, they fail and say so; ZOWARMUP_OFFLINE=1 turns that into a skip that says the check did
+not run.
 """
 
 from __future__ import annotations
@@ -17,33 +20,50 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-INDEX = os.environ.get("ZOWARMUP_DEVICE_INDEX", "https://pypi.org/simple")
 PLATFORM = "manylinux_2_28_aarch64"
 DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "paho-mqtt", "click"}
 WORKSTATION_ONLY = {"torch", "onnx", "onnxscript", "amqtt", "scikit-learn", "matplotlib"}
 PACKAGES = ("protocols", "edge_agent", "export", "orchestrator")
+PIP_INDEX_VARIABLES = ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "PIP_NO_INDEX")
+PROBE = "click"  # a small pure-Python wheel every index that serves the agent holds
 
 
-def _index_reachable() -> None:
-    """Fail (or, offline by choice, skip loudly) before pip's long retries when the index
-    cannot be reached."""
-    try:
-        with urllib.request.urlopen(f"{INDEX}/click/", timeout=20) as response:
-            response.read(1)
-    except OSError as exc:
-        message = (f"the package index {INDEX} is unreachable ({exc}); this check resolves "
-                   "the device install there and needs network")
-        if os.environ.get("ZOWARMUP_OFFLINE") == "1":
-            pytest.skip(f"NOT CHECKED (ZOWARMUP_OFFLINE=1): {message}")
-        pytest.fail(f"{message}. Set ZOWARMUP_OFFLINE=1 to skip it, reported as not checked.",
-                    pytrace=False)
+def _pip_settings() -> tuple[list[str], dict[str, str]]:
+    """pip's index options and environment: pip's own configuration, which every install on
+    this machine follows (a site's mirror, an offline index), unless ZOWARMUP_DEVICE_INDEX
+    names the one index to check against instead."""
+    index = os.environ.get("ZOWARMUP_DEVICE_INDEX")
+    if not index:
+        return [], dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in PIP_INDEX_VARIABLES}
+    env["PIP_CONFIG_FILE"] = os.devnull  # that index alone
+    return ["--index-url", index], env
+
+
+def _index_reachable(scratch: Path) -> None:
+    """Fail (or, offline by choice, skip loudly) before pip's long retries when pip gets
+    nothing from its indexes; pip itself fetches one small wheel, so proxies, certificates
+    and file:// indexes count as they do for the resolution."""
+    options, env = _pip_settings()
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                           "--only-binary=:all:", "--dest", str(scratch), "--timeout", "15",
+                           "--retries", "1", *options, PROBE],
+                          capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        return
+    message = (f"pip could not get {PROBE} from the indexes it is configured with, and this "
+               "check resolves the device install there:\n"
+               f"{(done.stdout + done.stderr)[-2000:]}")
+    if os.environ.get("ZOWARMUP_OFFLINE") == "1":
+        pytest.skip(f"NOT CHECKED (ZOWARMUP_OFFLINE=1): {message}")
+    pytest.fail(f"{message}\nSet ZOWARMUP_OFFLINE=1 to skip it, reported as not checked.",
+                pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +99,12 @@ def test_the_agents_wheel_is_pure_python(agent_wheel):
 
 def _resolve(wheel: Path, python: str, report: Path) -> dict:
     """pip's resolution of the device install for an aarch64 board with this Python."""
-    _index_reachable()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "PIP_NO_INDEX")}
-    env["PIP_CONFIG_FILE"] = os.devnull  # this machine's pip settings are not the board's
+    _index_reachable(report.parent / "probe")
+    options, env = _pip_settings()
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
            "--target", str(report.parent / "target"), "--only-binary=:all:",
            "--platform", PLATFORM, "--python-version", python, "--implementation", "cp",
-           "--abi", f"cp{python.replace('.', '')}", "--index-url", INDEX,
+           "--abi", f"cp{python.replace('.', '')}", *options,
            "--timeout", "30", "--retries", "2", "--report", str(report), str(wheel)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, (
@@ -106,9 +124,9 @@ def _fits_the_board(filename: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("python", ["3.11", "3.12"])
-def test_every_device_dependency_is_a_binary_wheel_for_64_bit_arm(agent_wheel, python, tmp_path):
-    report = _resolve(agent_wheel, python, tmp_path / "report.json")
+def _check_the_board_install(report: dict) -> dict:
+    """The device install of pip's report holds the device dependencies, no workstation
+    package, and binary wheels for the board only; returns its downloads by name."""
     items = {i["metadata"]["name"].lower(): i for i in report["install"]}
     missing = DEVICE_DEPENDENCIES - set(items)
     assert not missing, f"missing from the device install: {sorted(missing)}"
@@ -122,6 +140,13 @@ def test_every_device_dependency_is_a_binary_wheel_for_64_bit_arm(agent_wheel, p
         assert _fits_the_board(filename), f"{name}: {filename} does not fit {PLATFORM}"
     # ONNX Runtime is the one that must be native code for the board
     assert "aarch64" in items["onnxruntime"]["download_info"]["url"]
+    return {name: item["download_info"]["url"] for name, item in items.items()
+            if not item.get("is_direct")}
+
+
+@pytest.mark.parametrize("python", ["3.11", "3.12"])
+def test_every_device_dependency_is_a_binary_wheel_for_64_bit_arm(agent_wheel, python, tmp_path):
+    _check_the_board_install(_resolve(agent_wheel, python, tmp_path / "report.json"))
 
 
 @pytest.mark.parametrize("filename, fits", [
@@ -134,3 +159,100 @@ def test_every_device_dependency_is_a_binary_wheel_for_64_bit_arm(agent_wheel, p
 ])
 def test_the_platform_check_tells_board_wheels_from_others(filename, fits):
     assert _fits_the_board(filename) is fits
+
+
+ARM = "cp312-cp312-manylinux_2_28_aarch64"
+BOARD = {"numpy": [ARM], "onnxruntime": [ARM], "paho-mqtt": ["py3-none-any"],
+         "click": ["py3-none-any"]}
+
+
+def _stand_in_wheel(files: Path, name: str, tag: str, requires: list[str]) -> str:
+    """A wheel holding only the metadata pip resolves with; returns its file name."""
+    dist, version = name.replace("-", "_"), "99.0"
+    info = f"{dist}-{version}.dist-info"
+    filename = f"{dist}-{version}-{tag}.whl"
+    with zipfile.ZipFile(files / filename, "w") as wheel:
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\n"
+                       f"Version: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: false\n"
+                       f"Tag: {tag}\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    return filename
+
+
+def _simple_index(root: Path, projects: dict[str, list[str]],
+                  requires: dict[str, list[str]] | None = None) -> str:
+    """A local simple index (PEP 503) of stand-in wheels, one per tag; its file:// URL."""
+    files = root / "files"
+    files.mkdir(parents=True)
+    for name, tags in projects.items():
+        links = "".join(f'<a href="../../files/{f}">{f}</a>\n' for f in
+                        (_stand_in_wheel(files, name, tag, (requires or {}).get(name, []))
+                         for tag in tags))
+        (root / "simple" / name).mkdir(parents=True)
+        (root / "simple" / name / "index.html").write_text(f"<html><body>\n{links}</body></html>")
+    (root / "simple").mkdir(exist_ok=True)
+    return (root / "simple").as_uri()
+
+
+def _configure_pip(monkeypatch, **variables: str) -> None:
+    """pip's configuration for this test: these PIP_* variables, no config file, and a proxy
+    that refuses, so whatever pip gets comes from the test's own local indexes."""
+    for name in (*PIP_INDEX_VARIABLES, "ZOWARMUP_DEVICE_INDEX", "ZOWARMUP_OFFLINE",
+                 "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("variable", ["PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"])
+def test_the_check_resolves_from_the_index_pip_is_configured_with(agent_wheel, variable,
+                                                                  tmp_path, monkeypatch):
+    board = _simple_index(tmp_path / "board", BOARD)
+    empty = _simple_index(tmp_path / "empty", {})  # pip's index when the board's is an extra
+    _configure_pip(monkeypatch, **{"PIP_INDEX_URL": empty, variable: board})
+    urls = _check_the_board_install(_resolve(agent_wheel, "3.12", tmp_path / "report.json"))
+    assert set(urls) == DEVICE_DEPENDENCIES
+    for url in urls.values():
+        assert url.startswith((tmp_path / "board" / "files").as_uri()), url
+
+
+def test_the_device_index_setting_overrides_pips_configuration(agent_wheel, tmp_path,
+                                                              monkeypatch):
+    _configure_pip(monkeypatch, PIP_INDEX_URL=_simple_index(tmp_path / "empty", {}))
+    monkeypatch.setenv("ZOWARMUP_DEVICE_INDEX", _simple_index(tmp_path / "board", BOARD))
+    urls = _check_the_board_install(_resolve(agent_wheel, "3.12", tmp_path / "report.json"))
+    assert urls["onnxruntime"].startswith((tmp_path / "board" / "files").as_uri())
+
+
+def test_an_index_without_the_boards_onnxruntime_fails_the_check(agent_wheel, tmp_path,
+                                                                  monkeypatch):
+    projects = {**BOARD, "onnxruntime": ["cp312-cp312-manylinux_2_28_x86_64"]}
+    _configure_pip(monkeypatch, PIP_INDEX_URL=_simple_index(tmp_path / "x86", projects))
+    with pytest.raises(AssertionError, match="does not resolve to binary wheels"):
+        _resolve(agent_wheel, "3.12", tmp_path / "report.json")
+
+
+def test_a_workstation_package_in_the_device_install_fails_the_check(agent_wheel, tmp_path,
+                                                                     monkeypatch):
+    index = _simple_index(tmp_path / "torch", {**BOARD, "torch": [ARM]},
+                          requires={"numpy": ["torch"]})
+    _configure_pip(monkeypatch, PIP_INDEX_URL=index)
+    report = _resolve(agent_wheel, "3.12", tmp_path / "report.json")
+    with pytest.raises(AssertionError, match=r"workstation packages .*torch"):
+        _check_the_board_install(report)
+
+
+@pytest.mark.parametrize("offline, outcome", [
+    ("", pytest.fail.Exception), ("1", pytest.skip.Exception)])
+def test_an_index_pip_cannot_reach_is_never_a_pass(offline, outcome, tmp_path, monkeypatch):
+    _configure_pip(monkeypatch, PIP_INDEX_URL=(tmp_path / "absent" / "simple").as_uri(),
+                   ZOWARMUP_OFFLINE=offline)
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception),
+                       match=f"pip could not get {PROBE}") as raised:
+        _index_reachable(tmp_path / "probe")
+    assert raised.type is outcome
+    assert ("NOT CHECKED" in str(raised.value)) == bool(offline)
