@@ -6,14 +6,20 @@ speaking for another or for the orchestrator. The topic layout makes that a shor
 only the orchestrator publishes rounds, commits and models. So the agent id is the MQTT
 user name, and each device gets its own password and client certificate::
 
-    OUT/mosquitto.conf        TLS listener, no anonymous access, password file, ACL
+    OUT/mosquitto.conf        TLS listener, no anonymous access, password file, ACL, and
+                              the user a broker started as root switches to
     OUT/passwd                Mosquitto's format: user:$7$<iterations>$<salt>$<PBKDF2-SHA512>
     OUT/acl                   who may publish and read what
+    OUT/data/                 the broker's persistence (retained models and commits)
     OUT/ca.crt  ca.key        a self-signed CA (keep ca.key to add devices later)
     OUT/server.crt server.key the broker's certificate, for the names given in --host
     OUT/orchestrator/         ca.crt, client.crt, client.key, password: the orchestrator's
     OUT/agents/<id>/          the same for one device: copy this directory to it
     OUT/credentials.json      every user name, password and file, for `fleet.credentials`
+
+``passwd``, ``acl``, ``server.key`` and ``data/`` belong to the broker's user, everything
+else to the fleet's owner (``broker_access.py``); ``broker_install.py`` puts the broker's
+part into the packaged Mosquitto's ``/etc/mosquitto``.
 
 Passwords are hashed here (PBKDF2-SHA512, Mosquitto 2.0's ``$7$`` format), so no
 ``mosquitto_passwd`` is needed; certificates are made with the ``cryptography`` package.
@@ -22,20 +28,20 @@ Passwords are hashed here (PBKDF2-SHA512, Mosquitto 2.0's ``$7$`` format), so no
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import secrets
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from protocols import topics
 from protocols.errors import ZoError
 from protocols.validate import check_identifier
+
+from .broker_access import Access, make_dirs
 
 ORCHESTRATOR = "orchestrator"
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes in Mosquitto 2.0
@@ -54,8 +60,10 @@ class Identity:
     password: str
     directory: Path
 
-    def files(self) -> dict[str, str]:
-        d = self.directory
+    def files(self, out: Path) -> dict[str, str]:
+        """Its entry in credentials.json. Paths are relative to the fleet's directory, so
+        they hold wherever the directory is used from, or moved to."""
+        d = self.directory.relative_to(out)
         return {"username": self.username, "password": self.password,
                 "ca": str(d / "ca.crt"), "cert": str(d / "client.crt"),
                 "key": str(d / "client.key")}
@@ -98,29 +106,43 @@ def acl_text(orchestrator: str = ORCHESTRATOR) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mosquitto_conf(out: Path, port: int, bind: str) -> str:
-    out = out.resolve()
-    return "\n".join([
-        "# Mosquitto 2.0 configuration for a zowarmup fleet (written by zowarmup broker-config).",
-        "# Run: mosquitto -c mosquitto.conf. The broker's user (often `mosquitto`) must be",
-        "# able to read passwd, acl and server.key, and to write data/.",
+CONF_HEADER = "# Mosquitto 2.0 settings for a zowarmup fleet (written by zowarmup broker-config)."
+
+
+def broker_settings(files: Path, port: int, bind: str) -> list[str]:
+    """The listener, authentication and ACL: what a fleet needs from any Mosquitto, its
+    own (``mosquitto.conf`` here) or the packaged one (a ``conf.d`` file)."""
+    return [
         "per_listener_settings false",
         "allow_anonymous false",
-        f"password_file {out / 'passwd'}",
-        f"acl_file {out / 'acl'}",
+        f"password_file {files / 'passwd'}",
+        f"acl_file {files / 'acl'}",
         "set_tcp_nodelay true",
         f"max_packet_size {MAX_PACKET_BYTES}",
         "max_connections -1",
-        # Retained models and commits survive a broker restart.
-        "persistence true",
-        f"persistence_location {out / 'data'}/",
         f"listener {port} {bind}",
-        f"cafile {out / 'ca.crt'}",
-        f"certfile {out / 'server.crt'}",
-        f"keyfile {out / 'server.key'}",
+        f"cafile {files / 'ca.crt'}",
+        f"certfile {files / 'server.crt'}",
+        f"keyfile {files / 'server.key'}",
         "require_certificate true",
         "use_identity_as_username false",
         "tls_version tlsv1.2",
+    ]
+
+
+def mosquitto_conf(out: Path, port: int, bind: str, user: str) -> str:
+    """A whole broker's configuration: the fleet's settings, the user a broker started
+    as root switches to before it opens any of these files, and persistence, so retained
+    models and commits survive a restart."""
+    out = Path(os.path.abspath(out))
+    return "\n".join([
+        CONF_HEADER,
+        f"# Run: mosquitto -c {out / 'mosquitto.conf'}. Started as root, Mosquitto switches to",
+        "# the user below, which owns passwd, acl, server.key and data/.",
+        f"user {user}",
+        "persistence true",
+        f"persistence_location {out / 'data'}/",
+        *broker_settings(out, port, bind),
         "",
     ])
 
@@ -130,39 +152,106 @@ def default_hosts() -> list[str]:
     return sorted({"localhost", "127.0.0.1", socket.gethostname()})
 
 
-def write_broker_config(out: Path, agents: Sequence[str], port: int = 8883,
-                        bind: str = "0.0.0.0", hosts: Sequence[str] = (),
-                        days: int = 825) -> dict:
-    """Write every file into ``out`` (which must not exist yet, or be empty); returns the
-    credentials, as ``credentials.json`` holds them."""
-    agents = list(agents)
+@dataclass(frozen=True)
+class FleetSettings:
+    """What a fleet was made with. Kept in ``credentials.json``, so that the same command
+    run again (as ``--install`` allows) can tell the same fleet from a different request.
+    Empty ``hosts`` or zero ``days`` mean unknown (a fleet made before they were kept)."""
+
+    agents: tuple[str, ...]
+    port: int = 8883
+    bind: str = "0.0.0.0"
+    hosts: tuple[str, ...] = ()
+    days: int = 825
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, out: Path, credentials: dict) -> FleetSettings:
+        """The settings ``out`` was made with, from its ``credentials.json``."""
+        kept = credentials.get("settings")
+        try:
+            if kept is None:  # made before settings were kept: what the files still say
+                return cls(tuple(credentials["agents"]), int(credentials["broker_port"]),
+                           _listener_bind(out / "mosquitto.conf"), (), 0)
+            return cls(tuple(kept["agents"]), int(kept["port"]), str(kept["bind"]),
+                       tuple(kept["hosts"]), int(kept["days"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BrokerConfigError(f"{out / 'credentials.json'} does not say how the fleet "
+                                    f"was made ({exc}); make a new one with --out NEW") from None
+
+
+def _listener_bind(conf: Path) -> str:
+    for line in conf.read_text().splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "listener":
+            return words[2]
+    raise ValueError(f"no `listener PORT ADDRESS` line in {conf}")
+
+
+def check_agents(agents: Sequence[str]) -> None:
     for agent in agents:
         check_identifier(agent, "agent id")
     if len(set(agents)) != len(agents) or ORCHESTRATOR in agents:
         raise BrokerConfigError(f"agent ids must be distinct and not {ORCHESTRATOR!r}")
     if not agents:
         raise BrokerConfigError("--agents must be at least 1")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise BrokerConfigError(f"{out} is not empty; pick a new directory (the files there "
-                                "may hold a fleet's keys)")
+
+
+def check_empty(out: Path) -> None:
+    """``out`` must be new: the files of a fleet hold its keys, never overwritten."""
+    if not (out.exists() and any(out.iterdir())):
+        return
+    if (out / "credentials.json").exists():
+        raise BrokerConfigError(f"{out} already holds a fleet: pick a new directory, or add "
+                                "--install to install that fleet into the packaged broker")
+    raise BrokerConfigError(f"{out} is not empty; pick a new directory (the files there "
+                            "may hold a fleet's keys)")
+
+
+def write_broker_config(out: Path, agents: Sequence[str], port: int = 8883,
+                        bind: str = "0.0.0.0", hosts: Sequence[str] = (),
+                        days: int = 825, broker_user: str | None = None) -> dict:
+    """Write every file into ``out`` (which must not exist yet, or be empty), readable by
+    the broker's user where it must be; returns the credentials, as ``credentials.json``
+    holds them."""
+    check_agents(list(agents))
+    settings = FleetSettings(tuple(agents), port, bind, tuple(hosts) or tuple(default_hosts()),
+                             days)
+    return write_fleet(Path(out), settings, Access.plan(broker_user))
+
+
+def write_fleet(out: Path, settings: FleetSettings, access: Access, *,
+                reach: bool = True) -> dict:
+    """Write a new fleet into ``out``. With ``reach``, refuse (before writing) a place the
+    broker's user could not reach: the broker will read its files from here."""
+    check_agents(settings.agents)
+    check_empty(out)
+    barrier = access.barrier(out) if reach else None
+    if barrier:
+        raise BrokerConfigError(barrier)
     from . import certs  # the cryptography package: imported only for this command
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     (out / "data").mkdir()
-    ca = certs.make_ca(out, days)
-    certs.make_server(out, ca, list(hosts) or default_hosts(), days)
+    ca = certs.make_ca(out, settings.days)
+    certs.make_server(out, ca, list(settings.hosts), settings.days)
     identities = [Identity(ORCHESTRATOR, secrets.token_urlsafe(18), out / ORCHESTRATOR)]
-    identities += [Identity(a, secrets.token_urlsafe(18), out / "agents" / a) for a in agents]
+    identities += [Identity(a, secrets.token_urlsafe(18), out / "agents" / a)
+                   for a in settings.agents]
     for identity in identities:
-        certs.make_client(identity.directory, ca, identity.username, days)
+        certs.make_client(identity.directory, ca, identity.username, settings.days)
         _private(identity.directory / "password", identity.password + "\n")
     _private(out / "passwd", password_file(identities))
-    (out / "acl").write_text(acl_text())
-    (out / "mosquitto.conf").write_text(mosquitto_conf(out, port, bind))
-    credentials = {"broker_port": port,
-                   "orchestrator": identities[0].files(),
-                   "agents": {i.username: i.files() for i in identities[1:]}}
+    _private(out / "acl", acl_text())
+    (out / "mosquitto.conf").write_text(
+        mosquitto_conf(out, settings.port, settings.bind, access.broker.name))
+    credentials = {"broker_port": settings.port,
+                   "orchestrator": identities[0].files(out),
+                   "agents": {i.username: i.files(out) for i in identities[1:]},
+                   "settings": settings.to_json()}
     _private(out / "credentials.json", json.dumps(credentials, indent=1) + "\n")
+    access.apply(out)
     return credentials
 
 
@@ -171,11 +260,23 @@ def load_credentials(directory: str | Path) -> dict:
     path = Path(directory) / "credentials.json"
     try:
         data = json.loads(path.read_text())
-        _ = data["orchestrator"]["username"], data["agents"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        base = Path(os.path.abspath(directory))
+        for me in [data["orchestrator"], *data["agents"].values()]:
+            _ = me["username"]
+            me.update({k: _resolve(base, me[k]) for k in ("ca", "cert", "key")})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BrokerConfigError(f"{path} is not the credentials file of `zowarmup "
                                 f"broker-config` ({exc})") from None
     return data
+
+
+def _resolve(base: Path, value: str) -> str:
+    """A path of credentials.json, taken from the fleet's directory. A fleet made before
+    paths were kept that way holds them relative to where it was made."""
+    path = Path(value)
+    if path.is_absolute() or (not (base / path).exists() and path.exists()):
+        return os.path.abspath(path)
+    return str(base / path)
 
 
 def _private(path: Path, text: str) -> None:
@@ -184,18 +285,6 @@ def _private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def orchestrator_identity(fleet) -> tuple[str | None, str | None, tuple[str, ...] | None]:

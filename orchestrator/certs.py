@@ -20,14 +20,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .broker_config import is_ip, utc_now
-
 
 @dataclass(frozen=True)
 class Authority:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     pem: bytes
+
+
+def is_ip(host: str) -> bool:
+    """An IP address goes into a certificate as one, a name as a DNS name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -354,44 +354,60 @@ def _wait_for_stop() -> None:
 
 
 @main.command("broker-config")
-@click.option("--agents", type=click.IntRange(1, 1_000_000), required=True,
+@click.option("--agents", type=click.IntRange(1, 1_000_000), default=None,
               help="How many agents: ids client-000, client-001, ... as `zowarmup run` names "
                    "its clients (or give --ids).")
 @click.option("--ids", callback=_names, metavar="A,B,...",
               help="The agent ids instead of client-NNN (as many as --agents).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="A new directory for the files.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8883, show_default=True)
-@click.option("--bind", default="0.0.0.0", show_default=True, help="Address to listen on.")
+              help="A new directory for the files (with --install: or the fleet made there "
+                   "before).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="TLS port  [default: 8883]")
+@click.option("--bind", default=None, help="Address to listen on  [default: 0.0.0.0]")
 @click.option("--host", "hosts", multiple=True, metavar="NAME",
               help="A name or IP address agents reach the broker by; repeat for more "
                    "(default: localhost, 127.0.0.1 and this machine's host name).")
-@click.option("--days", type=click.IntRange(1, 36500), default=825, show_default=True,
-              help="How long the certificates are valid.")
-def broker_config(agents: int, ids: tuple[str, ...], out: Path, port: int, bind: str,
-                  hosts: tuple[str, ...], days: int) -> None:
+@click.option("--days", type=click.IntRange(1, 36500), default=None,
+              help="How long the certificates are valid  [default: 825]")
+@click.option("--broker-user", metavar="NAME", default=None,
+              help="The user the broker runs as, who alone may read its password file, ACL "
+                   "and key (default: mosquitto where it exists and this runs as root, else "
+                   "you).")
+@click.option("--install", is_flag=True,
+              help="Also install the fleet into the packaged Mosquitto (as root): "
+                   "PREFIX/conf.d/zowarmup.conf and PREFIX/zowarmup/. Run again, it changes "
+                   "nothing.")
+@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The packaged broker's configuration directory, for --install  "
+                   "[default: /etc/mosquitto]")
+@click.option("--force", is_flag=True,
+              help="With --install: replace another fleet's files there.")
+def broker_config(agents: int | None, ids: tuple[str, ...], out: Path, port: int | None,
+                  bind: str | None, hosts: tuple[str, ...], days: int | None,
+                  broker_user: str | None, install: bool, prefix: Path | None,
+                  force: bool) -> None:
     """Write a Mosquitto setup for a secure fleet: TLS, one password per agent, an ACL.
 
     Each agent's user name is its id, and the ACL lets it publish only its own topics;
-    only the orchestrator may publish rounds, commits and the model. Run the broker with
-    `mosquitto -c OUT/mosquitto.conf`, copy OUT/agents/ID/ to each device, and point the
-    run at it with `--broker mqtts://HOST:PORT --set fleet.credentials=OUT`.
+    only the orchestrator may publish rounds, commits and the model. The broker's files
+    belong to the user it runs as (Mosquitto started as root switches to `mosquitto`);
+    the orchestrator's and the devices' to you. Prints what to run next: the broker
+    (`mosquitto -c OUT/mosquitto.conf`, or with --install a restart of the packaged
+    service), the orchestrator, and each device (copy OUT/agents/ID/ to it).
     """
-    from .broker_config import write_broker_config
-    names = list(ids) or [f"client-{i:03d}" for i in range(agents)]
-    if len(names) != agents:
-        raise click.BadParameter(f"{len(names)} ids for --agents {agents}", param_hint="--ids")
+    from .broker_setup import BrokerRequest, instructions, setup_broker
+    if ids and agents and len(ids) != agents:
+        raise click.BadParameter(f"{len(ids)} ids for --agents {agents}", param_hint="--ids")
+    names = ids or tuple(f"client-{i:03d}" for i in range(agents or 0))
+    request = BrokerRequest(out, names, port, bind, hosts, days, broker_user, install,
+                            prefix, force)
     try:
-        write_broker_config(out, names, port, bind, hosts, days)
-    except (ZoError, ValueError) as exc:
+        setup = setup_broker(request)
+    except (ZoError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote a Mosquitto setup for {agents} agent(s) and the orchestrator to {out}")
-    click.echo(f"  broker: mosquitto -c {out / 'mosquitto.conf'}   (TLS on port {port})")
-    click.echo(f"  device ID: zowarmup-agent run --broker mqtts://HOST:{port} --id ID "
-               "--username ID --password-file ID/password --tls-ca ID/ca.crt "
-               "--tls-cert ID/client.crt --tls-key ID/client.key ...  (ID = "
-               f"{out / 'agents' / names[0]}, ...)")
-    click.echo(f"  orchestrator: --broker mqtts://HOST:{port} --set fleet.credentials={out}")
+    for line in instructions(setup):
+        click.echo(line)
 
 
 @main.command()

@@ -116,10 +116,7 @@ class MosquittoBroker:
             if attempts > 1:
                 self.port = free_port(self.host)
             self._write_config()
-            self.proc = subprocess.Popen(
-                [self.binary, "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
+            self.proc = self._spawn()
             if wait_for_port(self.host, self.port, timeout, alive=lambda: self.proc.poll() is None):
                 return
             err = self._reap()
@@ -128,6 +125,12 @@ class MosquittoBroker:
                     f"Mosquitto did not start on {self.host}:{self.port}: {err.strip()}\n"
                     f"log ({self.log_path}):\n{self.log()}"
                 )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [self.binary, "-c", str(self.config_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
 
     def _reap(self) -> str:
         if self.proc is None:
@@ -174,3 +177,29 @@ class MosquittoBroker:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<MosquittoBroker {self.url} {state}>"
+
+
+class CommandBroker(MosquittoBroker):
+    """Mosquitto started by a command line exactly as given (say, the one a tool printed),
+    from ``cwd``, on a configuration this class never writes or changes. Its standard error
+    (Mosquitto's log unless the configuration sends it elsewhere) goes to a file, and
+    ``logs`` are further files to show when it fails."""
+
+    def __init__(self, argv: list[str], port: int, cwd: Path, workdir: Path,
+                 logs: tuple[Path, ...] = ()) -> None:
+        super().__init__(workdir)
+        self.argv, self.port, self.cwd, self.logs = list(argv), port, Path(cwd), logs
+        self.log_path = self.workdir / "stderr.log"
+
+    def _write_config(self) -> None:
+        """The configuration is the one the command names, unmodified."""
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as err:
+            return subprocess.Popen(self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+
+    def log(self) -> str:
+        texts = [super().log()]
+        texts += [p.read_text(errors="replace") for p in self.logs if p.is_file()]
+        return "\n".join(texts)
