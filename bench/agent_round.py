@@ -55,7 +55,7 @@ def prepare(work: Path, samples: int) -> tuple[Path, Path]:
 
     from edge_agent.shard import save_shard
     from export import export_model
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     model_dir, shard = work / "model", work / "shard.npz"
     if not (model_dir / "manifest.json").exists():
         torch.manual_seed(0)
@@ -118,7 +118,7 @@ FO_RUNS = 3
 def child_fo(threads: int) -> dict:
     import torch
 
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model("resnet18-gn", 10, 3, 32)

@@ -2,8 +2,8 @@
 
     python bench/fleet_load.py --agents 1000 --rounds 20
 
-The orchestrator side is the product's own ``RoundServer`` (coordinator, journal with
-fsync, commit broadcast) over ``MqttTransport``. The agents are real paho MQTT clients,
+The orchestrator side is the product's own round loop over its MQTT fleet (coordinator,
+journal with fsync, commit broadcast) over ``MqttTransport``. The agents are real paho MQTT clients,
 ``--agents`` of them spread over ``--procs`` processes, each process driving its clients
 from one selector loop (no thread per client). A simulated agent says hello, and for each
 round start on its inbox it answers after a random synthetic compute time (up to
@@ -103,7 +103,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-# --- a synthetic model for the round server ------------------------------------------------
+# --- a synthetic model for the round loop --------------------------------------------------
 
 
 def synthetic_model(directory: Path, parameters: int = 1000) -> None:
@@ -227,7 +227,7 @@ def agent_worker(conn, port: int, ids: list[str], model_sha: str, fp: str, compu
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     from edge_agent.mqtt import MqttTransport
-    from orchestrator.rounds import RoundServer
+    from orchestrator.rounds.mqtt import mqtt_rounds
     from protocols.coordinator import RoundPolicy
     from protocols.journal import Journal
     _raise_fd_limit()
@@ -238,23 +238,23 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                               max_inbound_bytes=8 << 20)
     transport.connect(10)
     journal = Journal.create(work / "journal", {"run_id": RUN, "base_version": 0})
-    server = RoundServer(transport, model, RUN, 1, RoundPolicy(deadline_s=args.deadline_s),
-                         journal=journal)
-    server.publish_model()
+    loop, fleet = mqtt_rounds(transport, model, RUN, 1, RoundPolicy(deadline_s=args.deadline_s),
+                              journal=journal)
+    fleet.publish_model()
     ids = [f"sim-{i:05d}" for i in range(args.agents)]
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for p in range(args.procs):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=agent_worker, args=(child, port, ids[p::args.procs],
-                                                      server.model_sha256,
-                                                      server.coordinator.fingerprint,
+                                                      loop.state.model_sha256,
+                                                      loop.coordinator.fingerprint,
                                                       args.compute_ms, p), daemon=True)
         proc.start()
         pipes.append(parent)
         procs.append(proc)
     try:
-        return _rounds(args, server, ids, pipes, {"orchestrator": [os.getpid()],
+        return _rounds(args, loop, fleet, ids, pipes, {"orchestrator": [os.getpid()],
                                                   "broker": [broker.pid],
                                                   "agents": [p.pid for p in procs]})
     finally:
@@ -269,27 +269,27 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         broker.wait(10)
 
 
-def _rounds(args, server, ids, pipes, pids: dict[str, list[int]]) -> dict:
+def _rounds(args, loop, fleet, ids, pipes, pids: dict[str, list[int]]) -> dict:
     for pipe in pipes:
         pipe.recv()  # every client of that process has connected
-    joined = server.wait_for_agents(len(ids), timeout=120)
-    c = server.coordinator
+    joined = fleet.wait_for_agents(len(ids), timeout=120)
+    c = loop.coordinator
     overheads, accepted, pairs = [], 0, {}
     cpu = {part: sum(map(cpu_seconds, ps)) for part, ps in pids.items()}
     load = os.getloadavg()[0]
     for _ in range(args.rounds):
         t0 = time.perf_counter()
-        server.open_round(joined)
-        server.wait_ready()
+        loop.open_round(joined)
+        loop.collect()
         results = c.round_results()
         slowest = max((r.compute_s for r in results.values()), default=0.0)
-        commit = server.finish_round()
+        commit = loop.finish_round()
         pairs[commit.round] = len(commit.pairs)
         overheads.append((time.perf_counter() - t0 - slowest) * 1e3)
         accepted += len(results)
     cpu = {part: round((sum(map(cpu_seconds, ps)) - cpu[part]) * 1e3 / max(1, args.rounds))
            for part, ps in pids.items()}
-    server.pump(0.5)  # late answers, if any, are counted as refused, not lost silently
+    fleet.pump(0.5)  # late answers, if any, are counted as refused, not lost silently
     broker_rss = peak_rss_mb(pids["broker"][0])
     for pipe in pipes:
         pipe.send("stop")
@@ -304,7 +304,7 @@ def _rounds(args, server, ids, pipes, pids: dict[str, list[int]]) -> dict:
                                           / 1024, 1),
         "broker_peak_rss_mb": round(broker_rss, 1),
         "commits_read_by_every_process": all(r["commits"] == pairs for r in reports),
-        "downlink_bytes_per_agent_round": server.downlink_bytes // max(1, c.version),
+        "downlink_bytes_per_agent_round": loop.downlink_bytes // max(1, c.version),
         "cpu_ms_per_round": cpu, "load_average_1min": round(load, 2),
         "procs": args.procs, "compute_ms": args.compute_ms,
     }

@@ -39,7 +39,7 @@ def prepare(work: Path, models: list[str], samples: int) -> None:
 
     from edge_agent.shard import save_shard
     from export import export_model
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     for name in models:
         if not (work / name / "manifest.json").exists():
             torch.manual_seed(0)
@@ -70,27 +70,27 @@ def daemon(agent: list[str], model_dir: Path, shard: str, args: argparse.Namespa
     import signal
 
     from edge_agent.mqtt import MqttTransport
-    from orchestrator.rounds import RoundServer
+    from orchestrator.rounds.mqtt import mqtt_rounds
     from protocols.coordinator import RoundPolicy
     from tests.brokers import MosquittoBroker
     name = model_dir.name
     with MosquittoBroker(work / f"mosquitto-{name}") as broker:
         transport = MqttTransport(broker.url, client_id="bench-orchestrator")
         transport.connect(10)
-        server = RoundServer(transport, model_dir, f"bench-{name}", 7,
-                             RoundPolicy(eps=1e-3, lr=1e-3, directions=1, deadline_s=3600))
-        server.publish_model()
+        loop, fleet = mqtt_rounds(transport, model_dir, f"bench-{name}", 7,
+                                  RoundPolicy(eps=1e-3, lr=1e-3, directions=1, deadline_s=3600))
+        fleet.publish_model()
         cmd = [*agent, "run", "--broker", broker.url, "--data", shard, "--id", "board",
                "--run", f"bench-{name}", "--state-dir", f"{shard}.state-{name}",
                "--micro-batch", str(args.micro_batch), "--threads", str(args.threads)]
         with open(work / f"daemon-{name}.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            if server.wait_for_agents(1, timeout=3600) != ["board"]:
+            if fleet.wait_for_agents(1, timeout=3600) != ["board"]:
                 raise SystemExit(f"the agent did not join; see {work}/daemon-{name}.log")
             started = time.monotonic()
             for _ in range(2):
-                server.run_round(["board"])
+                loop.run_round(["board"])
             with open(f"/proc/{proc.pid}/status") as f:
                 peak = next(int(line.split()[1]) / 1024 for line in f
                             if line.startswith("VmHWM:"))

@@ -13,7 +13,7 @@ import numpy as np
 
 from protocols.selftest import run_selftest
 
-from .config import ENGINE_KEYS, SETTINGS, ConfigError, Resolved, resolve, resolve_password
+from .settings import ENGINE_KEYS, SETTINGS, ConfigError, Resolved, resolve, resolve_password
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -24,8 +24,10 @@ import numpy as np
 
 from protocols.errors import ProtocolError
 from protocols.manifest import Manifest
+from protocols.validate import json_object
 
 _CHECK_ROWS = 1024  # samples checked at a time, so a mapped shard is never all resident
+MAX_META_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,9 @@ def load_shard(path: Path, manifest: Manifest) -> Shard:
         if key not in arrays:
             raise ProtocolError(f"shard {path} has no {key!r} array (it has "
                                 f"{sorted(arrays) or 'none'})", "bad_shard")
-    return check_shard(Shard(arrays["x"], arrays["y"], _meta(arrays.get("meta"), path),
-                             mapped[1] if mapped else None), manifest, str(path))
+    meta = read_meta(arrays.get("meta"), f"shard {path}")
+    return check_shard(Shard(arrays["x"], arrays["y"], meta, mapped[1] if mapped else None),
+                       manifest, str(path))
 
 
 def check_shard(shard: Shard, manifest: Manifest, where: str = "shard") -> Shard:
@@ -136,16 +139,14 @@ def check_shard(shard: Shard, manifest: Manifest, where: str = "shard") -> Shard
     return Shard(np.ascontiguousarray(x), y.astype(np.int64), shard.meta, shard.mapping)
 
 
-def _meta(raw: np.ndarray | None, path: Path) -> dict:
+def read_meta(raw: np.ndarray | None, where: str) -> dict:
+    """An .npz file's optional ``meta`` array: a JSON object written as one string."""
     if raw is None:
         return {}
     try:
-        meta = json.loads(str(raw))
-    except ValueError:
-        raise ProtocolError(f"shard {path}: 'meta' must be a JSON string", "bad_shard") from None
-    if not isinstance(meta, dict):
-        raise ProtocolError(f"shard {path}: 'meta' must be a JSON object", "bad_shard")
-    return meta
+        return json_object(str(raw), f"{where}: 'meta'", MAX_META_BYTES)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), "bad_shard") from None
 
 
 def save_shard(path: Path, x: np.ndarray, y: np.ndarray, meta: dict | None = None) -> None:

@@ -138,7 +138,7 @@ def export(ctx: click.Context, model_name: str, num_classes: int, out: Path | No
     if out is None:
         raise click.UsageError("--out DIR is required: where to write the exported model")
     from export import export_model, select_parameters, torch_reference
-    from orchestrator.zoo import build_model, input_shape, load_checkpoint
+    from orchestrator.train.zoo import build_model, input_shape, load_checkpoint
 
     normalization = _normalization(mean, std)
     try:
@@ -234,7 +234,8 @@ def _load(config_file: Path, overrides: tuple[str, ...], broker: str | None,
 def _start(config, local_agents: int | None, fresh: bool, simulate: bool = False) -> None:
     import json
 
-    from .run import SUMMARY, RunDir, execute
+    from .run.job import execute
+    from .run.state import SUMMARY, RunDir
     run_dir = Path(config.run.out)
     state = RunDir(run_dir).state()
     if fresh and state.get("phase") != "new":
@@ -324,7 +325,7 @@ def broker(host: str, port: int) -> None:
     For a fleet that outlives one orchestrator, or to try agents by hand. For TLS,
     passwords and MQTT 5, run Mosquitto or EMQX instead.
     """
-    from .broker import EmbeddedBroker
+    from .fleet.broker import EmbeddedBroker
     try:
         embedded = EmbeddedBroker(host, port).start()
     except Exception as exc:  # noqa: BLE001 - a port in use, a bad host: say so
@@ -396,7 +397,7 @@ def broker_config(agents: int | None, ids: tuple[str, ...], out: Path, port: int
     (`mosquitto -c OUT/mosquitto.conf`, or with --install a restart of the packaged
     service), the orchestrator, and each device (copy OUT/agents/ID/ to it).
     """
-    from .broker_setup import BrokerRequest, instructions, setup_broker
+    from .fleet.broker_config import BrokerRequest, instructions, setup_broker
     if ids and agents and len(ids) != agents:
         raise click.BadParameter(f"{len(ids)} ids for --agents {agents}", param_hint="--ids")
     names = ids or tuple(f"client-{i:03d}" for i in range(agents or 0))
@@ -422,14 +423,13 @@ def partition(config_file: Path, out: Path, overrides: tuple[str, ...]) -> None:
     Uses the config's data section and run.seed (Dirichlet over data.clients, the
     high/low split), exactly as `zowarmup run` does, so shard N here is client N there.
     """
-    from .data import write_partition
-    from .run import plan_run
+    from .run.state import plan_run
+    from .train.data import write_partition
     try:
         config = _load(config_file, overrides, None, None)
         plan = plan_run(config)
-        alpha = float("inf") if str(config.data.alpha) == "iid" else float(config.data.alpha)
         files = write_partition(plan.dataset, plan.parts, plan.high, out, config.run.seed,
-                                alpha)
+                                config.data.alpha)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
     high = int(plan.high.sum())
@@ -507,7 +507,7 @@ def serve_model(model_dir: Path, host: str, port: int, api_key_file: Path | None
     """
     import os
 
-    from .serve_model import Limits, ModelServer, ScoringService
+    from .bbpt.endpoint import Limits, ModelServer, ScoringService
     key = (api_key_file.read_text().strip() if api_key_file
            else os.environ.get("ZOWARMUP_API_KEY", ""))
     if not key:

@@ -31,18 +31,19 @@ from urllib.parse import urlsplit
 from protocols.errors import ZoError
 from protocols.messages import MAX_AGENTS_PER_ROUND, MAX_SEEDS_PER_AGENT
 
+from .train.data import CIFAR10_URL, assign_resources
+from .train.settings import STRATEGIES, TrainerSettings
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-METHODS = ("zowarmup", "high-res-only", "zo-scratch", "zowarmup-hi-fo")
+METHODS = ("zowarmup", "high-res-only", "zo-scratch", "zowarmup-hi-fo",
+           "bbpt")  # bbpt: black-box prompt tuning, the [bbpt] table
 DATASETS = ("digits", "cifar10", "npz", "bbc-news")
-METHODS = (*METHODS, "bbpt")  # black-box prompt tuning: the [bbpt] table
 PROMPTS = ("continuous", "discrete")
 BLACKBOXES = ("remote", "local")
-STRATEGIES = ("fedavg", "fedadam")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
@@ -95,21 +96,10 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class WarmupSection:
+class WarmupSection(TrainerSettings):
     """First-order training on the high-resource clients, up to the pivot round."""
 
     rounds: int = 20
-    strategy: str = "fedavg"
-    client_lr: float = 0.01
-    client_momentum: float = 0.0
-    weight_decay: float = 0.0
-    local_epochs: int = 3
-    batch_size: int = 64
-    server_lr: float | None = None  # None = the strategy's default
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    clients_per_round: int | None = None  # None = every high-resource client
 
 
 @dataclass(frozen=True)
@@ -656,7 +646,6 @@ def _check_bbpt(config: Config, where: str) -> None:
 
 def _high_resource_count(clients: int, high_percent: int) -> int:
     """How many clients the split marks high-resource (as the data partition assigns them)."""
-    from .data import assign_resources
     return int(assign_resources(clients, high_percent / 100.0, 0).sum())
 
 
@@ -680,7 +669,7 @@ def _check_data_path(data: DataSection, where: str) -> None:
 
 def _check_model(model: ModelSection, where: str) -> None:
     try:
-        from .zoo import model_names
+        from .train.zoo import model_names  # torch: loaded only to check a config
     except ImportError as exc:
         raise ConfigError(f"{where}: model.name cannot be checked: the model zoo needs the "
                           f"orchestrator extras (pip install 'zowarmup[orchestrator]'): {exc}",

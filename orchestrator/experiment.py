@@ -46,9 +46,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from protocols.errors import ZoError
 
 from .config import Config, load_config
+from .run.job import execute
+from .run.state import SUMMARY, Diverged
 
 log = logging.getLogger("zowarmup.experiment")
 
@@ -296,16 +300,12 @@ DIVERGED = "diverged.json"
 
 
 def _finished(grid: Grid, cell: Cell, search: bool) -> bool:
-    from .run import SUMMARY
     run_dir = cell.directory(grid.search_root() if search else grid.out)
     return (run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists()
 
 
 def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
          workers: int | None = None) -> None:
-    import torch
-
-    from .run import Diverged, execute
     torch.set_num_threads(1)
     root = grid.search_root() if search else grid.out
     run_dir = cell.directory(root)
@@ -327,7 +327,6 @@ def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
 
 
 def _summary(run_dir: Path) -> dict | None:
-    from .run import SUMMARY
     file = run_dir / SUMMARY
     return json.loads(file.read_text()) if file.exists() else None
 
@@ -342,7 +341,6 @@ def chosen_so_far(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
 
 def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None = None
                ) -> list[dict]:
-    from .run import SUMMARY
     rows: dict[tuple, dict] = {}
     for cell in grid.cells(chosen):
         run_dir = cell.directory(grid.out)

@@ -18,8 +18,9 @@ import click
 
 from protocols.errors import ZoError
 
-METRICS, SUMMARY, CONFIG = "metrics.jsonl", "summary.json", "config.toml"
-PHASES = ("warmup", "zo")
+from .run.state import CONFIG, METRICS, SUMMARY, MetricsError
+from .run.state import read_metrics as run_metrics
+from .run.summary import phase_figures
 
 
 class ReportError(ZoError):
@@ -27,11 +28,6 @@ class ReportError(ZoError):
 
 
 # --- reading ----------------------------------------------------------------------------
-
-
-def _valid_row(row: object) -> bool:
-    return (isinstance(row, dict) and isinstance(row.get("round"), int)
-            and not isinstance(row.get("round"), bool) and row.get("phase") in PHASES)
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:
@@ -49,24 +45,9 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
         raise ReportError(f"{run_dir} holds no {METRICS}: not a run directory, or the run "
                           "has not logged a round yet")
     try:
-        text = file.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise ReportError(f"cannot read {file}: {exc}") from None
-    numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = []
-    for i, (n, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if _valid_row(row):
-            rows.append(row)
-        elif i == len(numbered) - 1:
-            break  # a torn last line: the run stopped while writing it
-        else:
-            raise ReportError(f"{file}, line {n}: not a metrics record (a JSON object with an "
-                              f"integer 'round' and 'phase' warmup or zo): {line[:80]!r}")
-    return rows
+        return run_metrics(file)
+    except MetricsError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def read_summary(run_dir: Path | str) -> dict | None:
@@ -113,34 +94,15 @@ def derive_summary(run_dir: Path | str, rows: list[dict]) -> dict:
         value = config.get(name)
         return value if isinstance(value, dict) else {}
 
-    evaluated = [r for r in rows if r.get("test_acc") is not None]
-    zo_rounds = [r["round"] for r in rows if r["phase"] == "zo"]
-    pivot_round = min(zo_rounds) if zo_rounds else None
-    warm_evals = [r for r in evaluated if r["phase"] == "warmup"
-                  and (pivot_round is None or r["round"] < pivot_round)]
-    pivot_acc = warm_evals[-1]["test_acc"] if warm_evals and pivot_round is not None else None
-
-    def per_client(phase: str, key: str) -> float:
-        values = [r.get(key, 0) / r["participants"] for r in rows
-                  if r["phase"] == phase and r.get("participants")]
-        return sum(values) / len(values) if values else 0.0
-
+    figures = phase_figures(rows)
     return {
         "name": section("run").get("name") or run_dir.resolve().name,
         "method": section("run").get("method"),
         "dataset": section("data").get("dataset"),
         "model": section("model").get("name"),
-        "final_acc": evaluated[-1]["test_acc"] if evaluated else None,
-        "best_acc": max((r["test_acc"] for r in evaluated), default=None),
-        "pivot_acc": pivot_acc,
-        "pivot_round": pivot_round,
-        "warmup_rounds": len({r["round"] for r in rows if r["phase"] == "warmup"}),
-        "zo_rounds": len(set(zo_rounds)),
-        "bytes_per_client_round": {
-            phase: {"uplink": per_client(phase, "uplink_bytes"),
-                    "downlink": per_client(phase, "downlink_bytes")}
-            for phase in PHASES},
-        "wall_s": rows[-1].get("wall_s") if rows else None,
+        **{key: figures[key] for key in ("final_acc", "best_acc", "pivot_acc", "pivot_round",
+                                         "warmup_rounds", "zo_rounds",
+                                         "bytes_per_client_round", "wall_s")},
     }
 
 

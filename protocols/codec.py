@@ -16,10 +16,10 @@ on the wire, and read only from journals (``journal.py``).
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from .errors import ProtocolError
 from .messages import MESSAGE_TYPES, Message
+from .validate import json_object
 
 WIRE_VERSION = 2
 MAX_MESSAGE_BYTES = 8 << 20  # ~780,000 pairs; a 1,000-agent round's commit is ~11 KB
@@ -37,10 +37,7 @@ def encode(message: Message) -> bytes:
 def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("payload must be bytes", "bad_type")
-    if len(payload) > max_bytes:
-        raise ProtocolError(f"message of {len(payload)} bytes is over the {max_bytes}-byte limit",
-                            "too_big")
-    data = _parse(bytes(payload))
+    data = json_object(payload, "message", max_bytes)
     version = data.pop("v", None)
     if version != WIRE_VERSION:
         raise ProtocolError(f"wire version {version!r} is not supported (this build speaks "
@@ -54,27 +51,3 @@ def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError(f"{kind} message of {len(payload)} bytes is over its {limit}-byte "
                             "limit", "too_big")
     return cls.from_wire(data)
-
-
-def _parse(raw: bytes) -> dict:
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
-                          object_pairs_hook=_no_duplicates)
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"payload is not valid JSON: {str(exc)[:200]}", "bad_json") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("payload must be a JSON object", "bad_json")
-    return data
-
-
-def _no_constant(name: str) -> Any:
-    raise ProtocolError(f"{name} is not allowed: numbers must be finite", "non_finite")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ProtocolError("payload repeats a key", "bad_json")
-    return out

@@ -23,12 +23,12 @@ written with float64 basic operations and ``ldexp``, sums and CDFs are sequentia
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from .directions import raw_words
 from .errors import ProtocolError
-from .zo import Commit
 
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06
 _INV_LN2 = 1.4426950408889634
@@ -77,7 +77,13 @@ def advantages(losses: Sequence[float]) -> tuple[float, ...]:
     return tuple(float((value - mean) * scale) for value in values)
 
 
-def apply_policy_commit(weights: Sequence[np.ndarray], commit: Commit) -> None:
+class Pairs(Protocol):
+    """A commit as this module reads it: its (seed, coefficient) pairs, in order."""
+
+    pairs: Sequence[tuple[int, float]]
+
+
+def apply_policy_commit(weights: Sequence[np.ndarray], commit: Pairs) -> None:
     """In place: ``a <- fl32(a - sum_j c_j (onehot(prompt_j) - softmax(a)))``, every draw
     regenerated from its seed on the state before the commit, summed in pair order."""
     if len(weights) != 1 or weights[0].ndim != 2:

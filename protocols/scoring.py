@@ -60,7 +60,7 @@ class BlackBoxSpec:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BlackBoxSpec:
-        data = _json_object(raw, "black-box spec", 1 << 20)
+        data = v.json_object(raw, "black-box spec", 1 << 20)
         w = "black-box spec"
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise ProtocolError(f"{w}: not a {FORMAT} v{FORMAT_VERSION} file", "bad_format")
@@ -82,18 +82,6 @@ def _dim(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
         raise ProtocolError(f"{where}: input_shape holds positive integers", "bad_shape")
     return value
-
-
-def _json_object(raw: bytes | str, what: str, limit: int) -> dict:
-    if len(raw) > limit:
-        raise ProtocolError(f"{what} is larger than {limit} bytes", "too_big")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {exc}", "bad_json") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{what} must be a JSON object", "bad_type")
-    return data
 
 
 # --- arrays on the wire ------------------------------------------------------------------
@@ -139,7 +127,7 @@ def encode_request(inputs: np.ndarray, labels: np.ndarray, spec: BlackBoxSpec) -
 def decode_request(body: bytes, spec: BlackBoxSpec, max_batch: int = MAX_BATCH
                    ) -> tuple[np.ndarray, np.ndarray]:
     """The inputs and labels of a score request, every field checked against the spec."""
-    data = _json_object(body, "score request", len(body))
+    data = v.json_object(body, "score request", len(body))
     v.no_extra(data, {"inputs", "labels"}, "score request")
     sample = int(np.prod(spec.input_shape, dtype=np.int64))
     x = array_from_wire(data.get("inputs"), "inputs", spec.input_dtype, max_batch * sample)
@@ -181,7 +169,7 @@ class ScoreReply:
 
     @classmethod
     def decode(cls, raw: bytes) -> ScoreReply:
-        data = _json_object(raw, "score reply", 1 << 16)
+        data = v.json_object(raw, "score reply", 1 << 16)
         w = "score reply"
         v.no_extra(data, {"loss", "correct", "count", "queries", "budget_left"}, w)
         count = v.integer(data, "count", w, 1, 1 << 40)
@@ -197,7 +185,7 @@ def error_body(code: str, detail: str) -> bytes:
 def decode_error(raw: bytes) -> tuple[str, str]:
     """The refusal's code and text, or a generic pair when the body is not ours."""
     try:
-        data = _json_object(raw, "error", 1 << 16)
+        data = v.json_object(raw, "error", 1 << 16)
         return str(data.get("error", "refused"))[:64], str(data.get("detail", ""))[:2048]
     except ProtocolError:
         return "refused", raw[:200].decode("utf-8", "replace")

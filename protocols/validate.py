@@ -5,11 +5,44 @@ Each reader names the field that is wrong and why, so a refusal can be logged as
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
 
 from .errors import ProtocolError
+
+
+def json_object(raw: bytes | bytearray | memoryview | str, what: str, limit: int) -> dict:
+    """A JSON object read from outside, strictly: at most ``limit`` bytes, UTF-8, no NaN or
+    Infinity, no repeated key (which JSON parsers resolve differently), an object at the top.
+    ``what`` names the source in every refusal."""
+    if len(raw) > limit:
+        raise ProtocolError(f"{what} of {len(raw)} bytes is over the {limit}-byte limit",
+                            "too_big")
+    try:
+        text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+        data = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}", "bad_json") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} must be a JSON object", "bad_json")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not allowed: numbers must be finite", "non_finite")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ProtocolError(f"a JSON object repeats a key ({len(pairs) - len(out)} time(s))",
+                            "bad_json")
+    return out
+
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEX = re.compile(r"^[0-9a-f]+$")

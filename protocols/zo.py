@@ -20,6 +20,7 @@ import numpy as np
 
 from .directions import DirectionSpec, axpy, check_seed
 from .errors import ProtocolError
+from .prompts import apply_policy_commit
 
 
 def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float:
@@ -90,7 +91,6 @@ def apply_commit(weights: Sequence[np.ndarray], commit: Commit, spec: DirectionS
     Discrete prompts (``categorical``) regenerate each pair's policy-gradient draw instead.
     """
     if spec.distribution == "categorical":
-        from .prompts import apply_policy_commit
         apply_policy_commit(weights, commit)
         return
     for seed, coefficient in commit.pairs:

@@ -70,7 +70,7 @@ def export(work: Path, name: str) -> Path:
     import torch
 
     from export import export_model
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     out = work / name
     if not (out / "manifest.json").exists():
         torch.manual_seed(0)

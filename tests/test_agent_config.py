@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_agent.cli import main
-from edge_agent.config import (
+from edge_agent.settings import (
     CONFIG_ENV,
     PASSWORD_ENV,
     PASSWORD_FILE_ENV,

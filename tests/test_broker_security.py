@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.mqtt import ConnectFailed, ConnectRefused, MqttTransport, Tls
-from orchestrator.broker_access import Access, Account, current_account
-from orchestrator.broker_config import (
+from orchestrator.fleet.mosquitto import (
     BrokerConfigError,
     FleetSettings,
     check_password,
@@ -34,6 +33,7 @@ from orchestrator.broker_config import (
     write_broker_config,
     write_fleet,
 )
+from orchestrator.fleet.ownership import Access, Account, current_account
 from protocols import topics
 from protocols.codec import decode
 from protocols.errors import ZoError
@@ -297,7 +297,7 @@ def test_a_place_the_brokers_user_cannot_reach_is_refused(tmp_path):
 
 
 def test_without_root_the_one_command_that_hands_the_files_over_is_printed(deploy_root):
-    from orchestrator.broker_setup import Setup, instructions, mosquitto_command
+    from orchestrator.fleet.broker_config import Setup, instructions, mosquitto_command
     access = Access(stranger(), current_account(), root=False)
     out = deploy_root / "handed over"
     settings = FleetSettings(("a",), hosts=("localhost",))
@@ -403,8 +403,8 @@ def hello_from(orch: MqttTransport, argv: list[str], cwd: Path, env: dict[str, s
 def test_the_printed_orchestrator_and_device_commands_join(secure, fleet, tmp_path):
     """The orchestrator's flags and a device's command line, as printed; the device's
     from a copy of its directory, as a device gets it."""
-    from orchestrator.broker_config import orchestrator_identity
     from orchestrator.config import parse_config
+    from orchestrator.fleet.mosquitto import orchestrator_identity
     broker, out, creds = secure
     words = shlex.split(printed(fleet.output, "orchestrator"))
     url = words[words.index("--broker") + 1]
@@ -424,7 +424,7 @@ def test_the_printed_orchestrator_and_device_commands_join(secure, fleet, tmp_pa
 
 def test_an_agent_process_joins_with_its_own_credentials(secure, tmp_path):
     """A local agent of `zowarmup run`, with what fleet.credentials gives it."""
-    from orchestrator.broker_config import agent_identity
+    from orchestrator.fleet.mosquitto import agent_identity
     broker, out, creds = secure
     save_toy_shard(tmp_path / "shard.npz")
 
@@ -507,8 +507,8 @@ def test_install_refuses_a_broker_it_would_break(deploy_root, tmp_path, damage, 
 
 
 def test_install_without_root_refuses_files_it_cannot_hand_over(deploy_root):
-    from orchestrator.broker_access import BrokerAccessError
-    from orchestrator.broker_install import plan_install
+    from orchestrator.fleet.install import plan_install
+    from orchestrator.fleet.ownership import BrokerAccessError
     prefix = packaged_layout(Path(tempfile.mkdtemp(dir=deploy_root)))
     access = Access(stranger(), current_account(), root=False)
     with pytest.raises(BrokerAccessError, match="needs root: run it with sudo"):
@@ -530,5 +530,5 @@ def test_config_refuses_mismatched_fleet_identity(fleet, tmp_path, fleet_section
     with pytest.raises(ConfigError, match=words):
         parse_config({"fleet": section})
     good = parse_config({"fleet": {"broker": "mqtts://h:8883", "credentials": out}})
-    from orchestrator.broker_config import orchestrator_identity
+    from orchestrator.fleet.mosquitto import orchestrator_identity
     assert orchestrator_identity(good.fleet)[0] == "orchestrator"

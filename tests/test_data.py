@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edge_agent.shard import load_shard
-from orchestrator.data import (
+from orchestrator.train.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR10_URL,

@@ -93,7 +93,7 @@ def test_the_agents_wheel_is_pure_python(agent_wheel):
         assert "Root-Is-Purelib: true" in wheel.read(info).decode()
     compiled = [n for n in names if n.endswith((".so", ".pyd", ".dylib", ".c"))]
     assert not compiled, f"compiled files in the agent's wheel: {compiled}"
-    for needed in ("edge_agent/cli.py", "edge_agent/config.py", "protocols/vectors.json"):
+    for needed in ("edge_agent/cli.py", "edge_agent/settings.py", "protocols/vectors.json"):
         assert needed in names, f"{needed} is missing from the wheel"
 
 

@@ -64,8 +64,8 @@ def checkpoint_scenario(directory: Path, make_full: Callable[[Path], Callable[[]
                         ) -> None:
     from sklearn.datasets import load_digits
 
-    from orchestrator.warmup import Warmup, WarmupConfig, WarmupError
-    from orchestrator.zoo import build_model
+    from orchestrator.train.fedavg import Warmup, WarmupConfig, WarmupError
+    from orchestrator.train.zoo import build_model
     x, y = load_digits(return_X_y=True)
     x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
     clients = [(x[i:300:3], y[i:300:3]) for i in range(3)]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from edge_agent.mqtt import ConnectFailed, ConnectRefused, Message, MqttTransport
-from orchestrator.broker import BrokerStartError, EmbeddedBroker
+from orchestrator.fleet.broker import BrokerStartError, EmbeddedBroker
 
 
 @pytest.fixture

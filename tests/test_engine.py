@@ -28,7 +28,7 @@ def digits():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from export import export_model
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     torch.manual_seed(0)
     model = build_model("cnn", 10, in_channels=1, image_size=8, width=8)
     out = tmp_path_factory.mktemp("cnn")
@@ -167,7 +167,7 @@ def test_constant_weight_sessions_see_the_current_weights_and_restore_exactly(mo
 def wide_model(tmp_path_factory):
     """A CNN on 32x32 colour images: activations, not weights, dominate its memory."""
     from export import export_model
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("wide")
     export_model(build_model("cnn", 10, in_channels=3, image_size=32, width=32), out / "model",

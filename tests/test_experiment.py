@@ -124,7 +124,7 @@ def test_a_search_chooses_on_the_validation_split_and_never_a_diverged_value(tmp
 
 def test_the_validation_split_comes_from_training_data_only():
     from orchestrator.config import parse_config, tomllib
-    from orchestrator.run import plan_run
+    from orchestrator.run.state import plan_run
     plain = plan_run(parse_config(tomllib.loads(BASE), "base"))
     held = plan_run(parse_config(tomllib.loads(
         BASE.replace("[data]", "[data]\nvalidation_fraction = 0.2")), "held"))

@@ -28,7 +28,7 @@ from export.check import check_io, check_no_baked_weights  # noqa: E402
 from export.directory import write_model_dir  # noqa: E402
 from export.names import onnx_names, sanitize  # noqa: E402
 from orchestrator.cli import main  # noqa: E402
-from orchestrator.zoo import build_model  # noqa: E402
+from orchestrator.train.zoo import build_model  # noqa: E402
 from protocols.errors import ProtocolError  # noqa: E402
 from protocols.manifest import load_manifest, read_weights  # noqa: E402
 

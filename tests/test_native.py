@@ -98,7 +98,7 @@ def _export(tmp_path_factory, name: str, channels: int, size: int, width: int) -
     import torch
 
     from export import export_model
-    from orchestrator.zoo import build_model
+    from orchestrator.train.zoo import build_model
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp(name)
     export_model(build_model(name, 10, in_channels=channels, image_size=size, width=width),

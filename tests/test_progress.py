@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from orchestrator.progress import Progress
+from orchestrator.run.progress import Progress
 
 
 def test_plain_lines_carry_phase_round_accuracy_and_eta(caplog):

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("onnx", reason="the test black boxes are built with onnx")
 
 from edge_agent.blackbox import BlackBoxError, LocalBlackBox, RemoteBlackBox  # noqa: E402
-from orchestrator.serve_model import Limits, ModelServer, ScoringService  # noqa: E402
+from orchestrator.bbpt.endpoint import Limits, ModelServer, ScoringService  # noqa: E402
 from protocols.scoring import DEVICE_HEADER, array_to_wire  # noqa: E402
 from tests.blackboxes import linear_blackbox  # noqa: E402
 

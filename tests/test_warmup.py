@@ -10,7 +10,7 @@ datasets = pytest.importorskip("sklearn.datasets", reason="the digits set ships 
 
 from torch import nn  # noqa: E402
 
-from orchestrator.warmup import (  # noqa: E402
+from orchestrator.train.fedavg import (  # noqa: E402
     RoundStats,
     Warmup,
     WarmupConfig,
@@ -18,7 +18,7 @@ from orchestrator.warmup import (  # noqa: E402
     evaluate,
     model_bytes,
 )
-from orchestrator.zoo import build_model  # noqa: E402
+from orchestrator.train.zoo import build_model  # noqa: E402
 
 HIGH = [0, 2, 4]
 FAST = dict(client_lr=0.1, client_momentum=0.9, batch_size=16, local_epochs=2)

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the zoo needs the orchestrator extra")
 
 from orchestrator import cli  # noqa: E402
-from orchestrator.zoo import (  # noqa: E402
+from orchestrator.train.zoo import (  # noqa: E402
     MODELS,
     ZooError,
     build_model,

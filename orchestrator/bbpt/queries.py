@@ -4,7 +4,7 @@
 queries each device made (its agents' own count, which the endpoint's count matches in
 every summary). Run it on the same grid file after the experiment::
 
-    python -m orchestrator.bbpt_report docs/results/bbpt-image.toml --results docs/results
+    python -m orchestrator.bbpt.queries docs/results/bbpt-image.toml --results docs/results
 
 It writes ``NAME-queries.md`` and ``NAME-queries.json`` beside the accuracy table.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiment import Grid, load_grid
-from .run import SUMMARY
+from ..experiment import Grid, load_grid
+from ..run.state import SUMMARY
 
 
 def query_rows(grid: Grid) -> list[dict]:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             f"# {grid.name}: black-box queries\n\nAPI queries (one per scored batch) each "
             f"device made, over {len(grid.seeds)} seed(s); the endpoint's count matched the "
             f"devices' own in every run.\n\n{table}\nMade by:\n\n```sh\npython -m "
-            f"orchestrator.bbpt_report {args.grid} --results {args.results}\n```\n")
+            f"orchestrator.bbpt.queries {args.grid} --results {args.results}\n```\n")
         (args.results / f"{grid.name}-queries.json").write_text(json.dumps(rows, indent=2)
                                                                  + "\n")
 

@@ -17,13 +17,13 @@ Two real tasks that need no network:
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Dataset, channel_stats, stratified_test_mask
+from ..train.data import DataError, Dataset, channel_stats, stratified_test_mask
+from .encoder import load_tokenizer
 
 SENSOR_GAIN, SENSOR_OFFSET = 0.5, 0.3  # the devices' washed-out sensor, on [0, 1] pixels
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
@@ -90,7 +90,6 @@ def bbc_articles() -> tuple[list[str], np.ndarray]:
 
 def bbc_task(seed: int, test_fraction: float, length: int) -> Task:
     """BBC News as token ids of ``length`` (``[CLS]`` first, ``[SEP]``, then padding 0)."""
-    from .bbpt_models import load_tokenizer
     texts, y = bbc_articles()
     tokenizer = load_tokenizer()
     ids = tokenizer(texts, padding="max_length", truncation=True, max_length=length,
@@ -99,9 +98,3 @@ def bbc_task(seed: int, test_fraction: float, length: int) -> Task:
     dataset = Dataset("bbc-news", ids[~test], y[~test], ids[test], y[test], len(BBC_TOPICS),
                       (length,), (0.0,), (1.0,), BBC_TOPICS)
     return Task(dataset)
-
-
-def offline() -> None:
-    """Model files come from installed packages only: never a hub at run time."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

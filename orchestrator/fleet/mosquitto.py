@@ -18,7 +18,7 @@ user name, and each device gets its own password and client certificate::
     OUT/credentials.json      every user name, password and file, for `fleet.credentials`
 
 ``passwd``, ``acl``, ``server.key`` and ``data/`` belong to the broker's user, everything
-else to the fleet's owner (``broker_access.py``); ``broker_install.py`` puts the broker's
+else to the fleet's owner (``ownership.py``); ``install.py`` puts the broker's
 part into the packaged Mosquitto's ``/etc/mosquitto``.
 
 Passwords are hashed here (PBKDF2-SHA512, Mosquitto 2.0's ``$7$`` format), so no
@@ -41,7 +41,7 @@ from protocols import topics
 from protocols.errors import ZoError
 from protocols.validate import check_identifier
 
-from .broker_access import Access, make_dirs
+from .ownership import Access, make_dirs
 
 ORCHESTRATOR = "orchestrator"
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes in Mosquitto 2.0

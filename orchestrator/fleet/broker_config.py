@@ -16,8 +16,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .broker_access import Access
-from .broker_config import (
+from .install import PACKAGED_PREFIX, Install, install, plan_install
+from .mosquitto import (
     BrokerConfigError,
     FleetSettings,
     check_agents,
@@ -26,7 +26,7 @@ from .broker_config import (
     load_credentials,
     write_fleet,
 )
-from .broker_install import PACKAGED_PREFIX, Install, install, plan_install
+from .ownership import Access
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SBIN_MOSQUITTO = "/usr/sbin/mosquitto"

@@ -17,9 +17,7 @@ owner in this setting); devices only ever query it.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import secrets
 import time
 from contextlib import ExitStack
@@ -35,11 +33,22 @@ from edge_agent.shard import Shard
 from protocols.directions import CATEGORICAL, DirectionSpec
 from protocols.zo import weights_sha256
 
-from .bbpt_prepare import Prepared, prepare
-from .config import Config
-from .fleet import LocalFleet
-from .progress import Progress
-from .run import SUMMARY, Diverged, RunDir, journal_commits, open_journal, round_policy
+from ..config import Config
+from ..rounds.loop import RoundLoop, RoundReport, Schedule, run_rounds, start_coordinator
+from ..rounds.model import ModelState
+from ..rounds.workers import use_shard
+from ..run.fleets import mqtt_fleet, worker_fleet
+from ..run.progress import Progress
+from ..run.records import RoundRecorder
+from ..run.state import (
+    BLACKBOX,
+    RunDir,
+    journal_commits,
+    open_journal,
+    round_policy,
+)
+from .endpoint import Limits, ModelServer, ScoringService
+from .prepare import Prepared, prepare
 
 log = logging.getLogger("zowarmup.bbpt")
 
@@ -47,26 +56,41 @@ log = logging.getLogger("zowarmup.bbpt")
 def execute_bbpt(config: Config, rd: RunDir, local_agents: int | None = None,
                  simulate: bool = False) -> dict:
     """Run (or continue) a prompt-tuning job in ``rd``; returns the summary."""
-    started = time.time() - float(rd.state().get("wall_s", 0.0))
+    started = rd.started()
     prepared = prepare(config, rd)
-    history = journal_commits(rd.path / "journal")
-    rounds = config.zo.rounds
+    history = journal_commits(rd.journal)
     rd.keep_metrics(below_round=len(history))
-    progress = Progress(rounds)
+    progress = Progress(config.zo.rounds)
     progress.skip(len(history))
     with ExitStack() as stack:
         address, key, endpoint = _blackbox_address(config, rd, stack)
-        server = (_simulation(config, rd, prepared, address, key, history, stack) if simulate
-                  else _mqtt(config, rd, prepared, address, key, history, local_agents, stack))
-        evaluate = _evaluator(config, rd, prepared)
-        for version in range(server.coordinator.version, rounds):
-            _round(config, rd, prepared, server, evaluate, version, progress, started)
-        weights = [w.copy() for w in server.weights]
+        journal = open_journal(rd.journal, config.run.name)
+        stack.callback(journal.close)
+        state = ModelState.load(rd.model, _spec(config), history)
+        coordinator = start_coordinator(state, config.run.name, config.run.seed,
+                                        round_policy(config), history, journal)
+        pool = _pool(config, prepared)
+        if simulate:
+            fleet = worker_fleet(config, rd, state, coordinator, stack, pool, history,
+                                 engine_factory=partial(simulated_engine, address, key),
+                                 switch=use_device)
+        else:
+            env = {BLACKBOX_ENV: address, **({API_KEY_ENV: key} if key else {})}
+            local = len(pool) if local_agents is None else min(local_agents, len(pool))
+            fleet = mqtt_fleet(config, rd, state, coordinator, stack, pool, local, env)
+        loop = RoundLoop(state, coordinator, fleet, journal)
+        schedule = Schedule(config.zo.rounds, config.run.seed, config.zo.clients_per_round,
+                            config.eval.every)
+        recorder = RoundRecorder(rd, progress, coordinator, started, "bbpt",
+                                 hint="rerun with a lower zo.lr", extra=queries_row)
+        evaluate = _evaluator(config, rd, prepared, state.weights)
+        recorder.recover(history, schedule, evaluate)
+        run_rounds(loop, schedule, evaluate, recorder)
+        weights = [w.copy() for w in state.weights]
         served = endpoint.service.queries() if endpoint else None
     progress.close()
     summary = summarize(config, rd, prepared, weights, time.time() - started, served)
-    (rd.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    rd.set_state(phase="done", wall_s=summary["wall_s"])
+    rd.write_summary(summary)
     return summary
 
 
@@ -76,13 +100,13 @@ def _spec(config: Config) -> DirectionSpec:
     return DirectionSpec(config.zo.distribution, config.zo.scale)
 
 
-def _blackbox_address(config: Config, rd: RunDir, stack: ExitStack):
+def _blackbox_address(config: Config, rd: RunDir, stack: ExitStack
+                      ) -> tuple[str, str, ModelServer | None]:
     """Where devices find the black box, its API key, and the endpoint we serve (if any):
     our `serve-model` endpoint on a free loopback port, or the black-box directory."""
-    directory = rd.path / "blackbox"
+    directory = rd.path / BLACKBOX
     if config.bbpt.blackbox == "local":
         return str(directory), "", None
-    from .serve_model import Limits, ModelServer, ScoringService
     key = secrets.token_urlsafe(24)
     limits = Limits(rate=config.bbpt.rate, burst=max(50, int(config.bbpt.rate)),
                     budget=config.bbpt.budget)
@@ -100,22 +124,6 @@ def _pool(config: Config, prepared: Prepared) -> list[str]:
     return prepared.agent_ids[:k] if k else list(prepared.agent_ids)
 
 
-def _simulation(config: Config, rd: RunDir, prepared: Prepared, address: str, key: str,
-                history: list, stack: ExitStack):
-    from .simulate import Simulation
-    policy, _ = round_policy(config)
-    journal = open_journal(rd.path / "journal", config.run.name)
-    stack.callback(journal.close)
-    shards = {a: rd.path / "shards" / f"{a}.npz" for a in _pool(config, prepared)}
-    factory = partial(simulated_engine, address, key)
-    sim = Simulation(rd.path / "model", shards, config.run.name, config.run.seed, policy,
-                     _spec(config), config.zo.micro_batch, engine_factory=factory,
-                     history=history, journal=journal)
-    stack.callback(sim.close)
-    sim.pool = list(shards)  # type: ignore[attr-defined]
-    return sim
-
-
 def simulated_engine(address: str, api_key: str, model_dir: Path, shard: Shard,
                      spec: DirectionSpec, micro_batch: int = 64, threads: int | None = 1,
                      manifest=None, strategy: str = "inputs"):
@@ -127,95 +135,36 @@ def simulated_engine(address: str, api_key: str, model_dir: Path, shard: Shard,
     return engine
 
 
-def _mqtt(config: Config, rd: RunDir, prepared: Prepared, address: str, key: str,
-          history: list, local_agents: int | None, stack: ExitStack):
-    from .broker import EmbeddedBroker
-    from .rounds import RoundServer
-    from .zo_phase import _transport
-    url = config.fleet.broker
-    if not url:
-        broker = EmbeddedBroker(port=0).start()
-        stack.callback(broker.stop)
-        url = broker.url
-    transport = _transport(config, url)
-    stack.callback(transport.close)
-    journal = open_journal(rd.path / "journal", config.run.name)
-    stack.callback(journal.close)
-    policy, _ = round_policy(config)
-    server = RoundServer(transport, rd.path / "model", config.run.name, config.run.seed, policy,
-                         _spec(config), journal, snapshot_every=config.zo.snapshot_every,
-                         history=history)
-    server.publish_model()
-    pool = _pool(config, prepared)
-    count = len(pool) if local_agents is None else min(local_agents, len(pool))
-    server.pool = pool[:count] if count else None  # type: ignore[attr-defined]
-    if count:
-        env = {BLACKBOX_ENV: address, API_KEY_ENV: key} if key else {BLACKBOX_ENV: address}
-        fleet = LocalFleet(url, config.run.name,
-                           {a: rd.path / "shards" / f"{a}.npz" for a in pool[:count]},
-                           rd.path / "agents", rd.path / "model", config.zo.agent_threads,
-                           config.zo.micro_batch, env=env)
-        fleet.start()
-        stack.callback(fleet.stop)
-    return server
+def use_device(engine, agent: str, shard: Shard, model_dir: Path) -> None:
+    """A simulation worker's switch to client ``agent``: its shard, and its own black-box
+    connection, so the endpoint counts each device's queries as a real fleet's."""
+    use_shard(engine, agent, shard, model_dir)
+    engine.select_device(agent)
 
 
-def _evaluator(config: Config, rd: RunDir, prepared: Prepared):
-    """Test-set (loss, accuracy) of a state: the devices' engine on the owner's model."""
+def _evaluator(config: Config, rd: RunDir, prepared: Prepared, weights: list[np.ndarray]):
+    """Test-set scores of the current prompt: the devices' engine on the owner's model."""
     test = Shard(prepared.x_test, prepared.y_test)
-    box = LocalBlackBox(rd.path / "blackbox", threads=2)
+    box = LocalBlackBox(rd.path / BLACKBOX, threads=2)
     spec = _spec(config)
     kind = DiscretePromptEngine if spec.distribution == CATEGORICAL else PromptEngine
-    engine = kind(rd.path / "model", test, box, spec=spec,
-                  micro_batch=config.eval.batch_size, threads=2)
+    engine = kind(rd.model, test, box, spec=spec, micro_batch=config.eval.batch_size,
+                  threads=2)
 
-    def evaluate(weights: list[np.ndarray]) -> tuple[float, float]:
+    def evaluate() -> dict:
         engine.weights.assign(weights)
         loss, correct = engine.evaluate()
-        return loss, correct / len(test)
-    evaluate.engine = engine  # type: ignore[attr-defined]
+        return {"test_acc": correct / len(test), "test_loss": loss}
     return evaluate
 
 
-def _run_round(server, participants: list[str]):
-    """One round on the MQTT server or the simulation; the commit and what clients sent."""
-    if hasattr(server, "open_round"):
-        server.open_round(participants)
-        server.wait_ready()
-        results = server.coordinator.round_results()
-        return server.finish_round(), results
-    commit = server.run_round(participants)
-    return commit, server.last_results
-
-
-def _participants(config: Config, server, version: int) -> list[str]:
-    from .zo_phase import _wait, choose
-    if hasattr(server, "open_round"):
-        return _wait(config, server, server.pool, version)
-    return choose(config, server.pool, version)
-
-
-def _round(config: Config, rd: RunDir, prepared: Prepared, server, evaluate, version: int,
-           progress: Progress, started: float) -> None:
-    participants = _participants(config, server, version)
-    up, down = server.result_bytes, server.downlink_bytes
-    commit, results = _run_round(server, participants)
-    acc = loss = None
-    if (version + 1) % config.eval.every == 0 or version + 1 == config.zo.rounds:
-        loss, acc = evaluate(server.weights)
-        if not math.isfinite(loss):
-            raise Diverged(f"prompt tuning diverged at round {version}; lower zo.lr")
+def queries_row(report: RoundReport) -> dict:
+    """What Fed-BBPT is billed by, per round: each device's black-box queries."""
+    results = report.results
     queries = {agent: result.queries for agent, result in sorted(results.items())}
-    rd.log_metrics({"round": version, "phase": "bbpt", "test_acc": acc, "test_loss": loss,
-                    "participants": len(participants), "answered": len(results),
-                    "uplink_bytes": server.result_bytes - up,
-                    "downlink_bytes": (server.downlink_bytes - down) * len(participants),
-                    "queries": sum(queries.values()), "queries_by_device": queries,
-                    "train_loss": float(np.mean([r.loss for r in results.values()]))
-                    if results else None,
-                    "refused": sum(server.coordinator.refused.values()),
-                    "wall_s": time.time() - started})
-    progress.update("bbpt", version, acc)
+    return {"queries": sum(queries.values()), "queries_by_device": queries,
+            "train_loss": float(np.mean([r.loss for r in results.values()]))
+            if results else None}
 
 
 def summarize(config: Config, rd: RunDir, prepared: Prepared, weights: list[np.ndarray],

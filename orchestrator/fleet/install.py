@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .broker_access import Access, BrokerAccessError, current_account, write_owned
-from .broker_config import CONF_HEADER, BrokerConfigError, broker_settings
+from .mosquitto import CONF_HEADER, BrokerConfigError, broker_settings
+from .ownership import Access, BrokerAccessError, current_account, write_owned
 
 PACKAGED_PREFIX = Path("/etc/mosquitto")
 CONF_NAME = "zowarmup.conf"

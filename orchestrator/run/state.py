@@ -1,7 +1,7 @@
-"""The whole ZOWarmUp run: partition -> warm-up -> pivot -> ZO rounds -> summary.
+"""What every part of a run shares, and nothing that runs it: the leaf the phases stand on.
 
-Everything a run does is written under its run directory, so ``zowarmup resume`` can
-pick it up at any point and end on the bits of a run that never stopped::
+A run directory holds everything a run does, so ``zowarmup resume`` can pick it up at any
+point and end on the bits of a run that never stopped::
 
     config.toml     the configuration as run (flags applied)
     state.json      which phase the run is in
@@ -12,17 +12,20 @@ pick it up at any point and end on the bits of a run that never stopped::
     journal         the ZO commits, each fsync'ed before it is broadcast
     agents/<id>/    each local agent's log and state directory
     summary.json    the figures of a finished run
+    blackbox/       prompt tuning only: the frozen model the devices query
 
 The order of writes is what makes resume exact: a warm-up round's checkpoint is written
 before its metrics line, a ZO commit is journaled before it is broadcast or logged; on
 resume, metrics lines past the durable state are dropped and redone.
+
+This module imports no phase: the phases (``run/warmup.py``, ``run/zo.py``,
+``bbpt/job.py``) and the round loop import it, and only ``run/job.py`` imports the phases.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -35,10 +38,9 @@ from protocols.directions import DirectionSpec
 from protocols.errors import ZoError
 from protocols.journal import Journal, read_journal
 from protocols.robust import Robustness
-from protocols.zo import weights_sha256
 
-from .config import Config
-from .data import (
+from ..config import Config
+from ..train.data import (
     Dataset,
     assign_resources,
     dirichlet_partition,
@@ -46,10 +48,12 @@ from .data import (
     parse_split,
     stratified_test_mask,
 )
-from .progress import Progress
 
-log = logging.getLogger("zowarmup.run")
-STATE, METRICS, SUMMARY, CHECKPOINT = "state.json", "metrics.jsonl", "summary.json", "warmup.pt"
+# The run directory's names: declared here once, read by the phases and the reports.
+CONFIG, STATE, METRICS, SUMMARY = "config.toml", "state.json", "metrics.jsonl", "summary.json"
+CHECKPOINT, JOURNAL, MODEL, SHARDS, AGENTS = "warmup.pt", "journal", "model", "shards", "agents"
+BLACKBOX = "blackbox"  # prompt tuning: the frozen model its owner serves
+PHASES = ("warmup", "zo", "bbpt")  # what a metrics row's "phase" may say
 
 
 class RunError(ZoError):
@@ -59,6 +63,15 @@ class RunError(ZoError):
 class Diverged(RunError):
     """The training itself blew up (a loss no longer usable): the settings' fault, not the
     machine's, so a grid records it as the run's result instead of stopping."""
+
+
+class MetricsError(RunError):
+    """A metrics file damaged before its last line: rows would be lost, so nothing is read."""
+
+
+def agent_ids(count: int) -> list[str]:
+    """The clients' agent ids, as `zowarmup run`, `partition` and `broker-config` name them."""
+    return [f"client-{i:03d}" for i in range(count)]
 
 
 @dataclass
@@ -74,7 +87,7 @@ class Plan:
 
     @property
     def agent_ids(self) -> list[str]:
-        return [f"client-{i:03d}" for i in range(len(self.parts))]
+        return agent_ids(len(self.parts))
 
     def evaluation_sets(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """What each evaluation measures: the test split, and the validation split if any."""
@@ -90,8 +103,7 @@ def plan_run(config: Config) -> Plan:
     validation = None
     if d.validation_fraction > 0:
         dataset, validation = hold_out(dataset, d.validation_fraction, config.run.seed)
-    alpha = float("inf") if str(d.alpha) == "iid" else float(d.alpha)
-    parts = dirichlet_partition(dataset.y_train, d.clients, alpha, config.run.seed)
+    parts = dirichlet_partition(dataset.y_train, d.clients, d.alpha, config.run.seed)
     high = assign_resources(d.clients, parse_split(d.split), config.run.seed)
     method = config.run.method
     warmup = {"zowarmup": config.warmup.rounds, "zowarmup-hi-fo": config.warmup.rounds,
@@ -113,11 +125,67 @@ def hold_out(dataset: Dataset, fraction: float, seed: int
     return kept, (dataset.x_train[mask], dataset.y_train[mask])
 
 
+def valid_row(row: object) -> bool:
+    """A metrics row: a JSON object with an integer round and a known phase."""
+    return (isinstance(row, dict) and isinstance(row.get("round"), int)
+            and not isinstance(row.get("round"), bool) and row.get("phase") in PHASES)
+
+
+def read_metrics(file: Path) -> list[dict]:
+    """The rounds logged in a metrics file, in file order ([] when there is none).
+
+    A torn or invalid last line (a run stopped mid-write) is skipped; blank lines are
+    ignored. A damaged line anywhere else raises :class:`MetricsError`: dropping it would
+    silently lose the rounds after it.
+    """
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise MetricsError(f"cannot read {file}: {exc}") from None
+    numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if valid_row(row):
+            rows.append(row)
+        elif i == len(numbered) - 1:
+            break  # a torn last line: the run stopped while writing it
+        else:
+            raise MetricsError(f"{file}, line {n}: not a metrics record (a JSON object with an "
+                               f"integer 'round' and a 'phase' of {', '.join(PHASES)}): "
+                               f"{line[:80]!r}")
+    return rows
+
+
 class RunDir:
-    """The run directory's small files: state, metrics, summary."""
+    """The run directory: its small files (state, metrics, summary) and where the rest is."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def journal(self) -> Path:
+        return self.path / JOURNAL
+
+    @property
+    def agents(self) -> Path:
+        return self.path / AGENTS
+
+    def shard(self, agent_id: str) -> Path:
+        return self.path / SHARDS / f"{agent_id}.npz"
+
+    def started(self) -> float:
+        """The run's wall-clock start, counting the time spent before a stop and resume."""
+        return time.time() - float(self.state().get("wall_s", 0.0))
 
     def state(self) -> dict:
         file = self.path / STATE
@@ -129,16 +197,7 @@ class RunDir:
         os.replace(tmp, self.path / STATE)
 
     def metrics(self) -> list[dict]:
-        file = self.path / METRICS
-        if not file.exists():
-            return []
-        rows = []
-        for line in file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break  # a torn last line
-        return rows
+        return read_metrics(self.path / METRICS)
 
     def keep_metrics(self, below_round: int) -> None:
         """Drop metrics of rounds the durable state does not hold (they are redone)."""
@@ -152,83 +211,9 @@ class RunDir:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-
-def execute(config: Config, run_dir: Path, progress: Progress | None = None,
-            local_agents: int | None = None, simulate: bool = False,
-            workers: int | None = None) -> dict:
-    """Run (or continue) the whole job in ``run_dir``; returns the summary.
-
-    ``workers``: processes of a simulated ZO phase (default: one per core); the bits do
-    not depend on it.
-    """
-    from .warmup_phase import run_warmup
-    from .zo_phase import run_zo
-    rd = RunDir(run_dir)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    (rd.path / "config.toml").write_text(config.to_toml())
-    if rd.state()["phase"] == "new":
-        rd.set_state(simulate=simulate)
-    simulate = bool(rd.state().get("simulate", simulate))  # a resume keeps the run's mode
-    if config.run.method == "bbpt":  # black-box prompt tuning: no warm-up, no pivot
-        from .bbpt_phase import execute_bbpt
-        return execute_bbpt(config, rd, local_agents, simulate)
-    if config.run.method == "zowarmup-hi-fo" and not simulate:
-        raise RunError("run.method = \"zowarmup-hi-fo\" runs only simulated (--simulate, or "
-                       "zowarmup experiment): its high-resource clients send whole models "
-                       "every round")
-    plan = plan_run(config)
-    progress = progress or Progress(plan.warmup_rounds + plan.zo_rounds)
-    started = time.time() - float(rd.state().get("wall_s", 0.0))
-    model = run_warmup(config, plan, rd, progress, started)
-    if plan.zo_rounds:
-        weights = run_zo(config, plan, rd, model, progress, started, local_agents, simulate,
-                         workers)
-        sha = weights_sha256(weights)
-    else:
-        sha = _torch_sha256(model)
-    progress.close()
-    summary = summarize(config, plan, rd, sha, time.time() - started)
-    (rd.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    rd.set_state(phase="done", wall_s=summary["wall_s"])
-    return summary
-
-
-def _torch_sha256(model) -> str:
-    """SHA-256 of the weights in the exported layout (trainable parameters, float32 LE)."""
-    import hashlib
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().float().contiguous().numpy().astype("<f4").tobytes())
-    return h.hexdigest()
-
-
-def summarize(config: Config, plan: Plan, rd: RunDir, sha: str, wall_s: float) -> dict:
-    rows = rd.metrics()
-    evaluated = [r for r in rows if r.get("test_acc") is not None]
-    warm = [r for r in evaluated if r["phase"] == "warmup"]
-    pivot = warm[-1]["test_acc"] if warm and plan.zo_rounds else None
-
-    def per_client(phase: str, key: str) -> float:
-        phase_rows = [r for r in rows if r["phase"] == phase and r["participants"]]
-        if not phase_rows:
-            return 0.0
-        return float(np.mean([r[key] / r["participants"] for r in phase_rows]))
-    return {
-        "name": config.run.name, "method": config.run.method,
-        "dataset": config.data.dataset, "model": config.model.name,
-        "final_acc": evaluated[-1]["test_acc"] if evaluated else None,
-        "final_val_acc": evaluated[-1].get("val_acc") if evaluated else None,
-        "best_acc": max((r["test_acc"] for r in evaluated), default=None),
-        "pivot_acc": pivot, "pivot_round": plan.warmup_rounds if plan.zo_rounds else None,
-        "warmup_rounds": plan.warmup_rounds, "zo_rounds": plan.zo_rounds,
-        "clients": len(plan.parts), "high_resource_clients": int(plan.high.sum()),
-        "agents": len(plan.parts) if plan.zo_rounds else 0,
-        "bytes_per_client_round": {
-            phase: {"uplink": per_client(phase, "uplink_bytes"),
-                    "downlink": per_client(phase, "downlink_bytes")}
-            for phase in ("warmup", "zo")},
-        "final_sha256": sha, "wall_s": round(wall_s, 2),
-    }
+    def write_summary(self, summary: dict) -> None:
+        (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        self.set_state(phase="done", wall_s=summary["wall_s"])
 
 
 def evaluation_row(scores: dict[str, tuple[float, float]]) -> dict:
@@ -249,9 +234,12 @@ def open_journal(path: Path, run_id: str) -> Journal:
     return Journal.create(path, {"run_id": run_id, "base_version": 0})
 
 
-def round_policy(config: Config) -> tuple[RoundPolicy, DirectionSpec]:
+def round_policy(config: Config) -> RoundPolicy:
     z = config.zo
-    return (RoundPolicy(eps=z.eps, lr=z.lr, directions=z.directions, local_steps=z.local_steps,
-                        local_lr=z.local_lr, quorum=z.quorum, deadline_s=z.deadline_s,
-                        robust=Robustness(z.clip_factor, z.clip_bound, z.clip_window, z.trim)),
-            DirectionSpec(z.distribution, z.scale))
+    return RoundPolicy(eps=z.eps, lr=z.lr, directions=z.directions, local_steps=z.local_steps,
+                       local_lr=z.local_lr, quorum=z.quorum, deadline_s=z.deadline_s,
+                       robust=Robustness(z.clip_factor, z.clip_bound, z.clip_window, z.trim))
+
+
+def direction_spec(config: Config) -> DirectionSpec:
+    return DirectionSpec(config.zo.distribution, config.zo.scale)

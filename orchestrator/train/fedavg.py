@@ -30,7 +30,8 @@ from torch import nn
 
 from protocols.errors import ZoError
 
-STRATEGIES = ("fedavg", "fedadam")
+from .settings import STRATEGIES, TrainerSettings
+
 DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedadam": 0.01}
 CHECKPOINT_FORMAT = 1
 
@@ -47,26 +48,9 @@ class WarmupError(ZoError, ValueError):
 
 
 @dataclass(frozen=True)
-class WarmupConfig:
-    """How the high-resource clients train (client SGD) and how the server aggregates.
+class WarmupConfig(TrainerSettings):
+    """The trainer's settings and the device it trains on, all checked on construction."""
 
-    Defaults follow the paper: three local epochs at batch size 64, SGD on the clients,
-    FedAvg with server learning rate 1 (plain weighted averaging). ``server_lr=None``
-    picks the strategy's default (1.0 for FedAvg, 0.01 for FedAdam). ``beta1``, ``beta2``
-    and ``tau`` are FedAdam's moment decays and adaptivity (Reddi et al., 2021).
-    """
-
-    strategy: str = "fedavg"
-    client_lr: float = 0.01
-    client_momentum: float = 0.0
-    weight_decay: float = 0.0
-    local_epochs: int = 3
-    batch_size: int = 64
-    server_lr: float | None = None
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    clients_per_round: int | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -18,11 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from edge_agent.native import NativeUnsupported, compile_native
+from protocols.manifest import load_manifest
+
 log = logging.getLogger("zowarmup.fleet")
 
 
 @dataclass
-class LocalFleet:
+class LocalAgents:
     broker_url: str
     run_id: str
     shards: dict[str, Path]  # agent id -> shard
@@ -93,8 +98,6 @@ def strategy_for(model_dir: Path, samples: int) -> str:
 
 @functools.cache
 def native_supported(model_dir: Path) -> bool:
-    from edge_agent.native import NativeUnsupported, compile_native
-    from protocols.manifest import load_manifest
     manifest = load_manifest(model_dir)
     with tempfile.TemporaryDirectory() as work:
         try:
@@ -106,11 +109,10 @@ def native_supported(model_dir: Path) -> bool:
 
 
 def shard_samples(shard: Path) -> int:
-    import numpy as np
     with np.load(shard, allow_pickle=False) as data:
         return int(data["y"].shape[0])
 
 
 def _package_root(existing: str | None) -> str:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     return root if not existing else f"{root}{os.pathsep}{existing}"

@@ -14,16 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edge_agent.blackbox import LocalBlackBox
+from export.prompt import export_blackbox, export_discrete_prompt, export_prompt_generator
 from protocols.manifest import load_manifest
 from protocols.prompts import best
 from protocols.scoring import SPEC_FILE
 
-from .bbpt_data import Task, bbc_task, digits_task
-from .config import Config
-from .data import dirichlet_partition, write_partition
-from .run import RunDir
+from ..config import Config
+from ..run.state import BLACKBOX, SHARDS, RunDir, agent_ids
+from ..train.data import dirichlet_partition, write_partition
+from .data import Task, bbc_task, digits_task
+from .encoder import load_tokenizer
+from .models import PROMPT_TRAINABLE, VisualPrompt, ZeroShotText, candidate_tokens, pretrain_cnn
 
 log = logging.getLogger("zowarmup.bbpt")
 
@@ -41,7 +45,6 @@ class Prepared:
 
     def describe_prompt(self, weights: Sequence[np.ndarray]) -> list[str]:
         """The tuned discrete prompt, as tokens (the most likely candidate per position)."""
-        from .bbpt_models import load_tokenizer
         ids = [self.candidates[i] for i in best(weights[0])]
         return load_tokenizer().convert_ids_to_tokens(ids)
 
@@ -57,8 +60,7 @@ def load_task(config: Config) -> Task:
 def client_parts(config: Config, labels: np.ndarray) -> list[np.ndarray]:
     """The Dirichlet label split, each client then keeping ``bbpt.shots`` samples at most."""
     d = config.data
-    alpha = float("inf") if str(d.alpha) == "iid" else float(d.alpha)
-    parts = dirichlet_partition(labels, d.clients, alpha, config.run.seed)
+    parts = dirichlet_partition(labels, d.clients, d.alpha, config.run.seed)
     shots = config.bbpt.shots
     if not shots:
         return parts
@@ -70,24 +72,23 @@ def prepare(config: Config, rd: RunDir) -> Prepared:
     task = load_task(config)
     parts = client_parts(config, task.dataset.y_train)
     state = rd.state()
-    if "zero_shot_acc" not in state or not (rd.path / "blackbox" / SPEC_FILE).exists():
+    if "zero_shot_acc" not in state or not (rd.path / BLACKBOX / SPEC_FILE).exists():
         _write(config, rd, task, parts)
         state = rd.state()
-    manifest = load_manifest(rd.path / "model")
-    return Prepared([f"client-{i:03d}" for i in range(len(parts))], task.dataset.x_test,
+    manifest = load_manifest(rd.model)
+    return Prepared(agent_ids(len(parts)), task.dataset.x_test,
                     task.dataset.y_test, state["zero_shot_acc"], state["zero_shot_loss"],
                     state["blackbox"], manifest.num_parameters, tuple(state.get("candidates", ())))
 
 
 def _write(config: Config, rd: RunDir, task: Task, parts: list[np.ndarray]) -> None:
-    alpha = float("inf") if str(config.data.alpha) == "iid" else float(config.data.alpha)
-    write_partition(task.dataset, parts, np.zeros(len(parts), bool), rd.path / "shards",
-                    config.run.seed, alpha)
+    write_partition(task.dataset, parts, np.zeros(len(parts), bool), rd.path / SHARDS,
+                    config.run.seed, config.data.alpha)
     if config.bbpt.prompt == "continuous":
         name, candidates = _image(config, rd, task), ()
     else:
         name, candidates = _text(config, rd, task)
-    loss, acc = zero_shot(rd.path / "blackbox", task, config.bbpt.tokens
+    loss, acc = zero_shot(rd.path / BLACKBOX, task, config.bbpt.tokens
                           if config.bbpt.prompt == "discrete" else 0)
     log.info("black box %s: zero-shot test accuracy %.4f", name, acc)
     rd.set_state(phase="bbpt", blackbox=name, zero_shot_acc=acc, zero_shot_loss=loss,
@@ -95,38 +96,28 @@ def _write(config: Config, rd: RunDir, task: Task, parts: list[np.ndarray]) -> N
 
 
 def _image(config: Config, rd: RunDir, task: Task) -> str:
-    import torch
-
-    from export.prompt import export_blackbox, export_prompt_generator
-
-    from .bbpt_models import PROMPT_TRAINABLE, VisualPrompt, pretrain_cnn
     x, y = task.pretrain
     d = task.dataset
     model = pretrain_cnn(x, y, config.bbpt.pretrain_epochs, config.run.seed)
     name = "digits-cnn"
-    export_blackbox(model, rd.path / "blackbox", torch.from_numpy(x[:2]), d.num_classes, name,
+    export_blackbox(model, rd.path / BLACKBOX, torch.from_numpy(x[:2]), d.num_classes, name,
                     d.class_names)
     norm = {"mean": list(d.mean), "std": list(d.std)}
-    export_prompt_generator(VisualPrompt(*d.input_shape), rd.path / "model", d.input_shape,
+    export_prompt_generator(VisualPrompt(*d.input_shape), rd.model, d.input_shape,
                             d.num_classes, PROMPT_TRAINABLE, "visual-prompt", norm)
     return name
 
 
 def _text(config: Config, rd: RunDir, task: Task) -> tuple[str, np.ndarray]:
-    import torch
-
-    from export.prompt import export_blackbox, export_discrete_prompt
-
-    from .bbpt_models import ZeroShotText, candidate_tokens
     d, b = task.dataset, config.bbpt
     model = ZeroShotText(d.class_names)
     vocabulary = model.encoder.config.vocab_size
     example = torch.ones(2, b.max_tokens, dtype=torch.int64) * 1996
     name = "all-MiniLM-L6-v2-zero-shot"
-    export_blackbox(model, rd.path / "blackbox", example, d.num_classes, name, d.class_names,
+    export_blackbox(model, rd.path / BLACKBOX, example, d.num_classes, name, d.class_names,
                     (0, vocabulary))
     candidates = candidate_tokens(d.x_train, b.candidates)
-    export_discrete_prompt(rd.path / "model", candidates, b.tokens, d.input_shape[0],
+    export_discrete_prompt(rd.model, candidates, b.tokens, d.input_shape[0],
                            d.num_classes)
     return name, candidates
 

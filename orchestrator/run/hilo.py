@@ -25,10 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
-from .run import Plan
-from .warmup import Warmup
-from .warmup_phase import build, warmup_config
+from protocols.zo import Commit
+
+from ..config import Config
+from ..rounds.loop import RoundLoop
+from ..rounds.model import Delta
+from .state import Plan
+from .training import trainer, warmup_config
 
 DELTAS = "first-order"  # in the run directory: one file per round
 
@@ -37,18 +40,15 @@ class FirstOrderPart:
     """The high-resource clients' local SGD, run on the workstation from given weights."""
 
     def __init__(self, config: Config, plan: Plan, shapes: list[tuple[int, ...]]) -> None:
-        ds = plan.dataset
-        clients = [(ds.x_train[idx], ds.y_train[idx]) for idx in plan.parts]
         settings = dataclasses.replace(warmup_config(config), clients_per_round=None)
-        self.trainer = Warmup(build(config, plan), clients, np.flatnonzero(plan.high).tolist(),
-                              settings, seed=config.run.seed)
+        self.trainer = trainer(config, plan, settings)
         self.params = [p for p in self.trainer.model.parameters() if p.requires_grad]
         if [tuple(p.shape) for p in self.params] != [tuple(s) for s in shapes]:
             raise ValueError("the torch model's parameters do not match the exported weights")
         self.sizes = [len(part) for part in plan.parts]
 
     def delta(self, weights: list[np.ndarray], round_index: int, clients: list[int],
-              share: float) -> list[np.ndarray]:
+              share: float) -> Delta:
         """``share`` times the FedAvg step of ``clients`` from ``weights`` (float32)."""
         with torch.no_grad():
             for p, w in zip(self.params, weights):
@@ -61,25 +61,21 @@ class FirstOrderPart:
                 for p, w in zip(self.params, weights)]
 
 
-class HiLoRounds:
-    """A simulation whose rounds split into ZO (low-resource) and first-order (high) parts.
+class HiLo:
+    """A round split in two: ZO for the low-resource participants, first-order for the high.
 
-    It stands in for the simulation in the ZO phase's round loop: ``run_round`` takes all
-    the round's participants; everything else is the simulation's.
+    :meth:`play` stands in for the loop's ``run_round``: it takes all the round's
+    participants, and plays a ZO round of the low-resource ones with the first-order
+    delta beside the commit.
     """
 
-    def __init__(self, sim, part: FirstOrderPart, plan: Plan, run_dir: Path,
-                 warmup_rounds: int) -> None:
-        self.sim, self.part, self.plan = sim, part, plan
+    def __init__(self, loop: RoundLoop, part: FirstOrderPart, plan: Plan, run_dir: Path) -> None:
+        self.loop, self.part, self.plan = loop, part, plan
         self.dir = run_dir / DELTAS
         self.dir.mkdir(exist_ok=True)
-        self.warmup_rounds = warmup_rounds
-        self.lr = sim.coordinator.policy.lr
+        self.lr = loop.coordinator.policy.lr
 
-    def __getattr__(self, name: str):
-        return getattr(self.sim, name)
-
-    def run_round(self, participants: list[str]):
+    def play(self, participants: list[str]) -> Commit:
         index = {a: i for i, a in enumerate(self.plan.agent_ids)}
         high = [a for a in participants if self.plan.high[index[a]]]
         low = [a for a in participants if not self.plan.high[index[a]]]
@@ -88,13 +84,13 @@ class HiLoRounds:
         if not low:
             raise ValueError("a hi+lo round needs at least one low-resource participant")
         total = n_high + n_low
-        c = self.sim.coordinator
-        delta = (self.part.delta(self.sim.weights, self.warmup_rounds + c.version,
+        c = self.loop.coordinator
+        delta = (self.part.delta(self.loop.weights, self.plan.warmup_rounds + c.version,
                                  [index[a] for a in high], n_high / total) if high else None)
         c.policy = dataclasses.replace(c.policy, lr=self.lr * n_low / total)
-        return self.sim.run_round(low, delta, self.keep)
+        return self.loop.run_round(low, delta, self.keep)
 
-    def keep(self, round_id: int, delta: list[np.ndarray]) -> None:
+    def keep(self, round_id: int, delta: Delta) -> None:
         path = self.dir / f"round-{round_id:06d}.npz"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
@@ -104,7 +100,7 @@ class HiLoRounds:
         os.replace(tmp, path)
 
 
-def saved_deltas(run_dir: Path) -> dict[int, list[np.ndarray]]:
+def saved_deltas(run_dir: Path) -> dict[int, Delta]:
     """The first-order deltas of a run so far, by round (for resume)."""
     out = {}
     for path in sorted((run_dir / DELTAS).glob("round-*.npz")):

