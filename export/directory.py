@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from protocols.manifest import MANIFEST, Manifest, Parameter, file_sha256, write_weights
+from protocols.manifest import (
+    MANIFEST,
+    Manifest,
+    Parameter,
+    Rewrite,
+    file_sha256,
+    write_weights,
+)
 
 from .errors import ExportError
 from .names import INPUT, LABEL, OUTPUTS
@@ -69,8 +76,8 @@ def check_metadata(num_classes: int, class_names: Sequence[str], normalization: 
 def make_manifest(graph: onnx.ModelProto, names: Sequence[str], tensors: Sequence[np.ndarray],
                   *, model_name: str, input_shape: Sequence[int], num_classes: int,
                   batchnorm: str = "none", frozen_parameters: int = 0,
-                  normalization: dict | None = None, class_names: Sequence[str] = ()
-                  ) -> Manifest:
+                  normalization: dict | None = None, class_names: Sequence[str] = (),
+                  rewrites: Sequence[Rewrite] = (), logits_from: str = "") -> Manifest:
     """The manifest of a model about to be written (its ``files`` are filled on writing)."""
     norm = check_metadata(num_classes, class_names, normalization, tuple(input_shape))
     return Manifest(
@@ -79,7 +86,8 @@ def make_manifest(graph: onnx.ModelProto, names: Sequence[str], tensors: Sequenc
         input_shape=tuple(int(d) for d in input_shape), label_name=LABEL,
         num_classes=int(num_classes), outputs=OUTPUTS, normalization=norm,
         class_names=tuple(str(c) for c in class_names), opset=opset_of(graph),
-        batchnorm=batchnorm, frozen_parameters=int(frozen_parameters))
+        batchnorm=batchnorm, frozen_parameters=int(frozen_parameters),
+        rewrites=tuple(rewrites), logits_from=logits_from)
 
 
 def write_model_dir(out_dir: str | Path, graph: onnx.ModelProto, tensors: Sequence[np.ndarray],

@@ -1,13 +1,15 @@
 """Lift a third-party ONNX classifier into the exported form (``zowarmup export hook``).
 
-The source is any graph with one float input and a ``[B, C]`` logits output whose
-weights are float initializers. Lifting makes the chosen initializers graph inputs
-(in the order the graph first reads them), writes their values to ``weights.bin``,
-appends the loss head (input ``y``, outputs ``loss`` and ``correct``) and makes the
-batch dimension dynamic. The weights are the float initializers of 2+ elements except
-tensors that only look like weights: BatchNorm running statistics and Resize/Upsample
-scales. Scalars stay constants too: perturbing an epsilon or an exponent breaks a
-model. All weights train by default; a regex picks some of them instead.
+The source is any graph with one float input and a logits-like output: ``[B, C]``,
+``[B, C, 1, 1]``, or the probabilities of a final Softmax (``head.py``). Its weights may
+be float initializers, Constant nodes, or initializers also listed as inputs (IR < 4);
+opsets below 13 are upgraded. Lifting makes the chosen weights graph inputs (in the
+order the graph first reads them), writes their values to ``weights.bin``, appends the
+loss head (input ``y``, outputs ``loss`` and ``correct``) and frees the batch size,
+rewriting what a fixed-batch export pinned (``batch.py``). The weights are the float
+tensors of 2+ elements except tensors that only look like weights: BatchNorm running
+statistics and Resize/Upsample scales. Scalars stay constants too: perturbing an epsilon
+or an exponent breaks a model. All weights train by default; a regex picks some instead.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
 
-from protocols.manifest import Manifest
+from protocols.manifest import Manifest, Rewrite
 
+from .batch import free_batch
 from .check import FLOAT_TYPES, check_io, check_no_baked_weights, float_constants, tensor_size
 from .directory import make_manifest, opset_of, write_model_dir
 from .errors import ExportError
+from .head import Head, build_head, is_logits_shape
 from .names import INPUT, LABEL, OUTPUTS, RESERVED, onnx_names
+from .shapes import infer, value_dims
 from .surgery import (
     append_loss_head,
     batch_shape,
@@ -42,23 +47,34 @@ from .surgery import (
     tensor_value,
     value_names,
 )
-from .verify import Reference, onnx_reference, ort_session, quiet_run
+from .verify import OnnxReference, onnx_reference, ort_session, quiet_run
 
 MIN_OPSET = 13  # ReduceSum with axes as an input; SoftmaxCrossEntropyLoss
+LOGITS_FROM_TEXT = {
+    "squeezed": "the logits output [batch, classes, 1, 1], flattened",
+    "softmax-input": "the logits fed to the model's final Softmax/LogSoftmax",
+    "log-probabilities": "the log of the model's output probabilities",
+}
 NOT_WEIGHTS = frozenset({("BatchNormalization", 3), ("BatchNormalization", 4),
                          ("Resize", 1), ("Resize", 2), ("Upsample", 1)})
 
 
 @dataclass(frozen=True)
 class Source:
-    """A third-party classifier, loaded and reduced to what its logits depend on."""
+    """A third-party classifier, reduced to what its logits depend on, batch freed."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # upgraded, weights as initializers, batch rewritten, pruned
+    original: onnx.ModelProto  # as the user gave it: what --verify runs as the reference
     input_name: str
-    logits_name: str
+    head: Head
     input_shape: tuple[int, ...]
     num_classes: int
     fixed_batch: int | None  # the batch size the source's input declares, if a number
+    rewrites: tuple[Rewrite, ...] = ()
+
+    @property
+    def logits_name(self) -> str:
+        return self.head.value
 
 
 @dataclass(frozen=True)
@@ -67,37 +83,66 @@ class Lifted:
     source: Source
     source_names: tuple[str, ...]  # the trainable initializers' names in the source
 
-    def reference(self) -> Reference:
-        """The source graph itself, run with replaced initializers: what --verify compares."""
-        return onnx_reference(self.source.model, self.source_names, self.source.input_name,
-                              self.source.logits_name)
+    def changes(self) -> list[str]:
+        """What lifting changed in the model beyond the weights: printed by the command."""
+        head = self.source.head.logits_from
+        lines = [f"  loss on: {LOGITS_FROM_TEXT[head]}"] if head else []
+        if self.source.rewrites:
+            lines.append(f"  rewritten to free the batch size (the source declares "
+                         f"{self.source.fixed_batch}):")
+            lines += [f"    {r.describe()}" for r in self.source.rewrites]
+        return lines
+
+    def reference(self) -> OnnxReference:
+        """The source model as given, run with replaced weights: what --verify compares.
+
+        It runs at the source's own batch size, and asks --verify to check the lifted
+        graph against itself sample by sample at other sizes.
+        """
+        return onnx_reference(self.source.original, self.source_names, self.source.input_name,
+                              self.source.head.reference_value, log=self.source.head.reference_log)
 
 
 def load_source(source: str | Path | onnx.ModelProto, output: str | None = None,
                 input_shape: Sequence[int] | None = None) -> Source:
-    """Load, check, bring to opset 13+, and find the input and the logits output."""
-    model = _read(source)
-    if opset_of(model) < MIN_OPSET:
-        try:
-            model = version_converter.convert_version(model, MIN_OPSET)
-        except Exception as exc:
-            raise ExportError(f"the model uses opset {opset_of(model)} and converting it to "
-                              f"{MIN_OPSET} failed ({str(exc)[:300]}); re-export it with "
-                              f"opset >= {MIN_OPSET}") from None
-    with contextlib.suppress(Exception):  # shapes help find the logits; not required
+    """Load, check, bring to opset 13+, find input and logits, free the batch size."""
+    original = _read(source)
+    model = _upgraded(original)
+    with contextlib.suppress(Exception):  # declared shapes help find the logits
         model = onnx.shape_inference.infer_shapes(model)
     constants_to_initializers(model.graph)
     data = _data_input(model)
-    logits = _logits_output(model, output)
+    chosen = _logits_output(model, output)
     shape = _sample_shape(data, input_shape)
-    prune(model.graph, [logits.name])
-    keep = [o for o in model.graph.output if o.name == logits.name]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
     dims = data.type.tensor_type.shape.dim
     fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-    return Source(model, data.name, logits.name, shape,
-                  _num_classes(model, data, logits, shape), fixed)
+    fresh = fresh_namer(value_names(model.graph) | RESERVED)
+    head = build_head(model.graph, chosen.name, infer(model), fresh,
+                      value_names(original.graph))
+    _only_output(model, head.value)
+    rewrites = free_batch(model, data.name, fixed, head.value, fresh)
+    prune(model.graph, [head.value])
+    return Source(model, original, data.name, head, shape,
+                  _num_classes(model, data.name, head.value, shape), fixed, rewrites)
+
+
+def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset 13 or newer: the loss head and the batch rewrites need it."""
+    if opset_of(model) >= MIN_OPSET:
+        return copy.deepcopy(model)
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise ExportError(f"the model uses opset {opset_of(model)} and converting it to "
+                          f"{MIN_OPSET} failed ({str(exc)[:300]}); re-export it with "
+                          f"opset >= {MIN_OPSET}") from None
+
+
+def _only_output(model: onnx.ModelProto, value: str) -> None:
+    """Make ``value`` the graph's one output and drop what it does not need."""
+    del model.graph.output[:]
+    model.graph.output.append(tensor_value(value, TensorProto.FLOAT, None))
+    prune(model.graph, [value])
 
 
 def _read(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -131,8 +176,8 @@ def _data_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
 
 
 def _is_logits(value: onnx.ValueInfoProto) -> bool:
-    tt = value.type.tensor_type
-    return tt.elem_type == TensorProto.FLOAT and len(tt.shape.dim) == 2
+    return (value.type.tensor_type.elem_type == TensorProto.FLOAT
+            and is_logits_shape(value_dims(value)))
 
 
 def _logits_output(model: onnx.ModelProto, output: str | None) -> onnx.ValueInfoProto:
@@ -143,16 +188,17 @@ def _logits_output(model: onnx.ModelProto, output: str | None) -> onnx.ValueInfo
             raise ExportError(f"--output {output!r} is not an output of the model; its outputs "
                               f"are: {listing}")
         value = outputs[output]
-        elem = value.type.tensor_type.elem_type
-        if elem != TensorProto.FLOAT or len(value.type.tensor_type.shape.dim) not in (0, 2):
+        if not (_is_logits(value) or value.type.tensor_type.elem_type == TensorProto.FLOAT
+                and not value_dims(value)):
             raise ExportError(f"output {output!r} is {_describe(value)}, not float32 logits "
-                              "[batch, classes]")
+                              "[batch, classes] (or [batch, classes, 1, 1])")
         return value
     candidates = [o for o in outputs.values() if _is_logits(o)]
     if len(candidates) != 1:
         what = "no output looks like" if not candidates else "several outputs look like"
-        raise ExportError(f"{what} float32 logits [batch, classes]; name the logits with "
-                          f"--output NAME (outputs: {listing})", "no_logits")
+        raise ExportError(f"{what} float32 logits [batch, classes] (or [batch, classes, 1, 1], "
+                          f"or their softmax); name the logits with --output NAME (outputs: "
+                          f"{listing})", "no_logits")
     return candidates[0]
 
 
@@ -179,19 +225,22 @@ def _sample_shape(data: onnx.ValueInfoProto, given: Sequence[int] | None) -> tup
     return tuple(dims)
 
 
-def _num_classes(model: onnx.ModelProto, data: onnx.ValueInfoProto,
-                 logits: onnx.ValueInfoProto, shape: tuple[int, ...]) -> int:
-    dims = logits.type.tensor_type.shape.dim
-    if len(dims) == 2 and dims[1].HasField("dim_value"):
-        classes = dims[1].dim_value
-    else:  # run it once to see
-        first = data.type.tensor_type.shape.dim[0]
-        batch = first.dim_value if first.HasField("dim_value") else 1
-        x = np.zeros((batch, *shape), np.float32)
-        classes = ort_session(model.SerializeToString()).run([logits.name], {data.name: x})[0]
-        classes = classes.shape[1] if classes.ndim == 2 else 0
+def _num_classes(model: onnx.ModelProto, input_name: str, logits: str,
+                 shape: tuple[int, ...]) -> int:
+    """The logits' second dimension: inferred, or seen by running the graph once."""
+    dims = infer(model).of(logits)
+    if dims is not None and len(dims) == 2 and isinstance(dims[1], int) and dims[1] > 0:
+        classes = dims[1]
+    else:
+        x = np.zeros((1, *shape), np.float32)
+        try:
+            out = ort_session(model.SerializeToString()).run([logits], {input_name: x})[0]
+        except Exception as exc:
+            raise ExportError(f"the model does not run on one sample of shape {list(shape)} "
+                              f"({str(exc)[:300]})", "fixed_batch") from None
+        classes = out.shape[1] if out.ndim == 2 else 0
     if classes < 2:
-        raise ExportError(f"output {logits.name!r} has {classes} classes; logits need >= 2")
+        raise ExportError(f"output {logits!r} has {classes} classes; logits need >= 2")
     return int(classes)
 
 
@@ -278,8 +327,8 @@ def smoke_run(model: onnx.ModelProto, manifest: Manifest, tensors: list[np.ndarr
     session = ort_session(model.SerializeToString())
     rng = np.random.default_rng(0)
     hint = (f"the source declares batch size {fixed_batch}; " if fixed_batch else "") + (
-        "if its graph fixes the batch size (a Reshape to a constant shape, say), re-export "
-        "it with a dynamic batch axis")
+        "if its graph fixes the batch size in a way the hook cannot rewrite, re-export it "
+        "with a dynamic batch axis")
     for batch in (1, 3):
         feed = {INPUT: rng.standard_normal((batch, *manifest.input_shape)).astype(np.float32),
                 LABEL: rng.integers(0, manifest.num_classes, batch).astype(np.int64)}
@@ -308,7 +357,8 @@ def lift_onnx(source: str | Path | onnx.ModelProto, out_dir: str | Path, *,
         graph, names, tensors, model_name=model_name, input_shape=src.input_shape,
         num_classes=src.num_classes, frozen_parameters=frozen,
         batchnorm="eval" if any(n.op_type == "BatchNormalization" for n in graph.graph.node)
-        else "none", normalization=normalization, class_names=class_names)
+        else "none", normalization=normalization, class_names=class_names,
+        rewrites=src.rewrites, logits_from=src.head.logits_from)
     check_io(graph, manifest)
     budget = sum(tensor_size(t) for _, t in float_constants(src.model.graph)) - sum(
         t.size for t in tensors)

@@ -99,6 +99,11 @@ def first_uses(graph: onnx.GraphProto) -> list[str]:
     return list(seen)
 
 
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """For each value of the main graph made by a node: that node."""
+    return {o: node for node in graph.node for o in node.output if o}
+
+
 def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[str, int]]]:
     """For each value: the (op_type, input slot) pairs that read it."""
     out: dict[str, list[tuple[str, int]]] = {}

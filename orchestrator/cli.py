@@ -173,11 +173,13 @@ def export_hook(onnx_model: Path, out: Path, output: str | None, input_shape: tu
                 class_names: tuple[str, ...], mean: tuple | None, std: tuple | None) -> None:
     """Lift a third-party ONNX classifier into the exported form.
 
-    MODEL.onnx needs one float32 input and a [batch, classes] logits output, with its
-    weights as float32 initializers. The chosen initializers (default: every float
-    tensor of 2+ elements except BatchNorm statistics) become graph inputs, in the
-    order the graph first reads them; a loss head (input y, outputs loss and correct)
-    is appended and the batch dimension made dynamic.
+    MODEL.onnx needs one float32 input and a [batch, classes] logits output (or
+    [batch, classes, 1, 1], or a final Softmax), with its weights as float32
+    initializers or Constant nodes. The chosen weights (default: every float tensor of
+    2+ elements except BatchNorm statistics) become graph inputs, in the order the graph
+    first reads them; a loss head (input y, outputs loss and correct) is appended and
+    the batch size freed, rewriting the nodes that fixed it (printed, and listed in the
+    manifest).
     """
     from export import lift_onnx
 
@@ -188,6 +190,8 @@ def export_hook(onnx_model: Path, out: Path, output: str | None, input_shape: tu
                            input_shape=input_shape, model_name=model_name,
                            class_names=class_names, normalization=normalization)
         report(lifted.manifest, out, time.perf_counter() - started)
+        for line in lifted.changes():
+            click.echo(line)
         if verify:
             run_verify(out, lifted.reference())
     except ZoError as exc:

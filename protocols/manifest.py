@@ -23,6 +23,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20
 _WHERE = "manifest"
+BATCH_ENTRY = "batch"  # a rewritten shape entry that is the batch size at run time
+# What the loss head of a lifted model reads: "" the source's logits as they are;
+# "squeezed" logits [N, C, 1, 1] flattened to [N, C]; "softmax-input" the input of a final
+# Softmax or LogSoftmax; "log-probabilities" the log of a final Softmax's probabilities.
+LOGITS_FROM = ("", "squeezed", "softmax-input", "log-probabilities")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,24 @@ class Parameter:
     @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A node of a lifted graph changed so that the batch size is free at run time.
+
+    ``old`` and ``new`` are the constant the node read (a Reshape target, an Expand shape,
+    Tile repeats): integers, and ``"batch"`` where the new one takes the batch size from
+    the input at run time. A user reads them to see what was changed in their model.
+    """
+
+    node: str
+    op: str
+    old: tuple[int | str, ...]
+    new: tuple[int | str, ...]
+
+    def describe(self) -> str:
+        return f"{self.op} {self.node!r}: {list(self.old)} -> {list(self.new)}"
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,11 @@ class Manifest:
     # (weights.bin): an agent supplies the current weights with add_external_initializers
     # and ONNX Runtime optimises them as constants. "" when the export did not write one.
     graph_const: str = ""
+    # Lifted models only (left out of the JSON when empty, so other manifests keep their
+    # bytes and their identity): the nodes rewritten to free the batch size, and what the
+    # loss head reads (LOGITS_FROM).
+    rewrites: tuple[Rewrite, ...] = ()
+    logits_from: str = ""
 
     @property
     def num_parameters(self) -> int:
@@ -68,20 +96,15 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        for optional in ("rewrites", "logits_from"):
+            if not data[optional]:
+                del data[optional]
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Manifest:
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ProtocolError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes", "too_big")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"manifest is not valid JSON: {exc}", "bad_json") from exc
-        if not isinstance(data, dict):
-            raise ProtocolError("manifest must be a JSON object", "bad_type")
-        return cls.from_dict(data)
+        return cls.from_dict(v.json_object(raw, "manifest", MAX_MANIFEST_BYTES))
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -127,6 +150,9 @@ class Manifest:
             files=files,
             graph_const=_file_name(v.text(data, "graph_const", _WHERE))
             if data.get("graph_const") else "",
+            rewrites=tuple(_rewrite(r, i) for i, r in enumerate(
+                v.sequence(data, "rewrites", _WHERE, 10_000))) if "rewrites" in data else (),
+            logits_from=_logits_from(data) if "logits_from" in data else "",
         )
 
 
@@ -137,6 +163,34 @@ def _parameter(data: object, index: int) -> Parameter:
     return Parameter(v.text(data, "name", where, 512),
                      _shape(v.sequence(data, "shape", where, 8), f"{where}.shape"),
                      v.integer(data, "offset", where))
+
+
+def _rewrite(data: object, index: int) -> Rewrite:
+    where = f"manifest rewrites[{index}]"
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where} must be an object", "bad_type")
+    v.no_extra(data, {"node", "op", "old", "new"}, where)
+    return Rewrite(v.text(data, "node", where, 512), v.text(data, "op", where, 64),
+                   _entries(v.sequence(data, "old", where, 64), f"{where}.old"),
+                   _entries(v.sequence(data, "new", where, 64), f"{where}.new"))
+
+
+def _entries(values: list, what: str) -> tuple[int | str, ...]:
+    """Shape-like entries: integers from -1 (Reshape's "the rest") up, or "batch"."""
+    for e in values:
+        if e != BATCH_ENTRY and (isinstance(e, bool) or not isinstance(e, int)
+                                 or not -1 <= e < 2**63):
+            raise ProtocolError(f"manifest: {what} must hold integers >= -1 or "
+                                f"{BATCH_ENTRY!r}, got {values}", "bad_shape")
+    return tuple(values)
+
+
+def _logits_from(data: dict) -> str:
+    value = v.text(data, "logits_from", _WHERE, 32)
+    if value not in LOGITS_FROM:
+        raise ProtocolError(f"manifest: logits_from {value!r} is not one of "
+                            f"{', '.join(map(repr, LOGITS_FROM))}", "bad_value")
+    return value
 
 
 def _shape(dims: list, what: str) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from export import ExportError, lift_onnx, verify_model_dir  # noqa: E402
 from export.check import check_io, check_no_baked_weights  # noqa: E402
 from orchestrator.cli import main  # noqa: E402
-from orchestrator.zoo import build_model  # noqa: E402
+from orchestrator.train.zoo import build_model  # noqa: E402
 from protocols.manifest import load_manifest, read_weights  # noqa: E402
 
 F, D, C = 6, 8, 4  # features, hidden units, classes of the hand-built model
@@ -155,11 +155,20 @@ def test_weights_bin_holds_the_source_initializers_in_first_use_order(torch_file
     assert list(lifted.source_names) == list(dict.fromkeys(uses))
 
 
-def test_a_graph_that_fixes_its_batch_is_refused_with_a_hint(torch_files, tmp_path):
-    with pytest.raises(ExportError, match="dynamic batch axis") as caught:
-        lift_onnx(torch_files / "fixed.onnx", tmp_path)
-    assert "batch size 2" in str(caught.value)
-    assert not (tmp_path / "manifest.json").exists()
+def test_a_graph_exported_at_a_fixed_batch_has_its_flatten_rewritten(torch_files, tmp_path):
+    """Once refused ("re-export it with a dynamic batch axis"), now lifted: the Reshape
+    that flattened to ``[2, C]`` reads ``[0, C]`` and the graph runs at any batch size."""
+    lifted = lift_onnx(torch_files / "fixed.onnx", tmp_path)
+    [rewrite] = lifted.manifest.rewrites
+    assert rewrite.op == "Reshape" and rewrite.old[0] == 2
+    assert rewrite.new == (0, *rewrite.old[1:])
+    report = verify_model_dir(tmp_path, lifted.reference())
+    assert report.ok and {c.batch for c in report.cases if c.against == "per-sample"} == {
+        1, 7, 64}
+    source = ort.InferenceSession(str(torch_files / "fixed.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="Expected: 2"):  # the source runs at its size only
+        source.run(None, {source.get_inputs()[0].name: np.zeros((7, 3, 8, 8), np.float32)})
 
 
 # --- (b) a model written with onnx.helper ------------------------------------------------
