@@ -108,3 +108,40 @@ def test_anonymous_can_be_refused():
         with pytest.raises(ConnectRefused):
             t.connect(timeout=5)
         t.close()
+
+
+def test_simultaneous_connects_are_all_kept_and_get_only_their_own_retained(broker, clients):
+    """Twenty agents connect at once while the orchestrator's filter holds retained
+    statuses (amqtt 0.12 unpatched drops some of them, and sends each every retained
+    message of every filter in the broker). Each must connect once and receive exactly the
+    one retained message of its own subscriptions."""
+    import threading
+
+    orchestrator = clients(broker.url, client_id="orchestrator")
+    orchestrator.subscribe("zowarmup/run/agent/+/status", qos=1)
+    for i in range(20):
+        orchestrator.publish(f"zowarmup/run/agent/a{i}/status", b"online", retain=True,
+                             wait=True)
+    orchestrator.publish("zowarmup/run/model", b"manifest", retain=True, wait=True)
+    agents = [MqttTransport(broker.url, client_id=f"a{i}") for i in range(20)]
+
+    def join(t: MqttTransport, i: int) -> None:
+        for topic_filter in (f"zowarmup/run/agent/a{i}/inbox", "zowarmup/run/model"):
+            t.subscribe(topic_filter)
+        t.connect(10)
+        t.subscribe(f"zowarmup/run/model/m{i}/+")  # a new filter while others connect
+
+    threads = [threading.Thread(target=join, args=(t, i)) for i, t in enumerate(agents)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        time.sleep(1.0)
+        assert [t.connects for t in agents] == [1] * 20
+        for t in agents:
+            assert t.get(timeout=2) == Message("zowarmup/run/model", b"manifest", True)
+            assert t.get(timeout=0) is None
+    finally:
+        for t in agents:
+            t.close()

@@ -12,11 +12,21 @@ TCP_NODELAY: asyncio sets it on every TCP connection it accepts (``asyncio.start
 does this since Python 3.7), so small messages are not held back by Nagle's algorithm.
 Message size: amqtt has no limit of its own beyond MQTT's 256 MB; model files travel in
 chunks of a few hundred KB.
+
+Simultaneous connects: amqtt 0.12 walks its table of subscriptions with ``await`` inside
+the walk, in two places: when a client connects (to send it the retained messages of
+*every* filter in the table, its own or not) and when it delivers a message. Another
+connection that subscribes to a new filter meanwhile changes the table's size, and the
+walk fails: the connecting client is dropped, or a message reaches only some of its
+subscribers. :class:`_Subscriptions` walks a copy instead, and a connecting client gets the
+retained messages of its own subscriptions only (a clean session has none yet: its
+SUBSCRIBE brings them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from typing import Any
@@ -91,7 +101,6 @@ class EmbeddedBroker:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
-        loop.set_exception_handler(_on_loop_error)
         self._loop = loop
         try:
             loop.run_until_complete(self._start_broker())
@@ -111,9 +120,7 @@ class EmbeddedBroker:
             self._loop = None
 
     async def _start_broker(self) -> None:
-        from amqtt.broker import Broker  # orchestrator extra; imported only when used
-
-        broker = Broker(self.config())
+        broker = _broker_class()(self.config())
         await broker.start()
         self._broker = broker
         if self.port == 0:
@@ -178,16 +185,43 @@ def _abort_connections() -> None:
             transport.abort()
 
 
-def _on_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """One plain line for a known amqtt race, the default report for anything else.
+class _Subscriptions(dict):
+    """amqtt's table of subscriptions (filter -> [(session, qos)]) whose walks see a copy.
 
-    amqtt 0.12 iterates its subscription table while another connection's handler changes
-    it, so when many clients connect at once one of them is dropped. The client reconnects
-    (agents do, with backoff) and nothing is lost; a traceback would only alarm.
+    amqtt awaits inside its walks of the table and of each filter's subscribers; a
+    subscribe or a disconnect on another connection meanwhile must neither fail the walk
+    nor make it skip a subscriber.
     """
-    exc = context.get("exception")
-    if isinstance(exc, RuntimeError) and "changed size during iteration" in str(exc):
-        log.warning("embedded broker dropped a connection during simultaneous connects "
-                    "(a known amqtt race); the client reconnects")
-        return
-    loop.default_exception_handler(context)
+
+    def __setitem__(self, key: str, value: list) -> None:
+        super().__setitem__(key, _Subscribers(value))
+
+    def __iter__(self):
+        return iter(list(dict.keys(self)))
+
+    def items(self):
+        return list(dict.items(self))
+
+
+class _Subscribers(list):
+    def __iter__(self):
+        return iter(list.copy(self))
+
+
+@functools.cache
+def _broker_class() -> type:
+    """amqtt's broker with :class:`_Subscriptions`, and retained messages sent to a client
+    for the filters it subscribed to only."""
+    from amqtt.broker import Broker  # orchestrator extra; imported only when used
+
+    class FleetBroker(Broker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._subscriptions = _Subscriptions()
+
+        async def _publish_retained_messages_for_subscription(self, subscription, session):
+            subscribers = dict.get(self._subscriptions, subscription[0], ())
+            if any(s.client_id == session.client_id for s, _ in subscribers):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FleetBroker
