@@ -49,6 +49,7 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
 _SPLIT = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+AUTO = "auto"  # warmup.rounds: the pivot found by the plateau rule (run/pivot.py)
 _BROKER_FORMS = '"" for the embedded broker, or mqtt://HOST:PORT or mqtts://HOST:PORT'
 
 
@@ -72,6 +73,7 @@ class RunSection:
     seed: int = 0
     method: str = "zowarmup"
     device: str = "auto"
+    total_rounds: int = 0  # > 0: the whole budget; the ZO phase gets what the warm-up left
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,11 @@ class ModelSection:
 class WarmupSection(TrainerSettings):
     """First-order training on the high-resource clients, up to the pivot round."""
 
-    rounds: int = 20
+    rounds: int | str = 20  # or "auto": pivot once validation accuracy stops improving
+    min_rounds: int = 5  # "auto" never pivots before this round
+    max_rounds: int = 100  # nor after it
+    patience: int = 3  # evaluations without an improvement of min_delta before it pivots
+    min_delta: float = 0.002  # validation accuracy that counts as an improvement
 
 
 @dataclass(frozen=True)
@@ -295,6 +301,7 @@ RULES: dict[str, dict[str, _Rule]] = {
         "method": _choice(METHODS),
         "device": _text('"auto", "cpu", "cuda" or "cuda:N"',
                         lambda v: _DEVICE.fullmatch(v) is not None),
+        "total_rounds": _ints(0, extra=" (0 = warmup.rounds then zo.rounds)"),
     },
     "data": {
         "dataset": _choice(DATASETS),
@@ -312,7 +319,12 @@ RULES: dict[str, dict[str, _Rule]] = {
         "width": _ints(1, optional=True, extra=" (leave it out for the zoo's default)"),
     },
     "warmup": {
-        "rounds": _ints(0),
+        "rounds": _Rule(int, 'an integer >= 0, or "auto" to pivot on a validation plateau',
+                        lambda v: v >= 0, words={"auto": AUTO}),
+        "min_rounds": _ints(1),
+        "max_rounds": _ints(1),
+        "patience": _ints(1),
+        "min_delta": _floats(0.0, 1.0, lo_open=False),
         "strategy": _choice(STRATEGIES),
         "client_lr": _floats(0.0),
         "client_momentum": _floats(0.0, 1.0, lo_open=False, hi_open=True),
@@ -593,6 +605,7 @@ def _cross_checks(config: Config, where: str) -> None:
                           "data.split")
     _check_data_path(data, where)
     _check_model(config.model, where)
+    _check_pivot(config, where)
     high_count = _high_resource_count(data.clients, high)
     wanted = config.warmup.clients_per_round
     if run.method != "zo-scratch" and wanted is not None and wanted > high_count:
@@ -615,6 +628,25 @@ def _cross_checks(config: Config, where: str) -> None:
                           "(leave it out for one per client)", "fleet.local_agents")
     _check_fleet(fleet, where)
     _check_bbpt(config, where)
+
+
+def _check_pivot(config: Config, where: str) -> None:
+    """The automatic pivot decides on a validation split, never on the test split; a total
+    budget must leave the ZO phase at least one round after the latest possible pivot."""
+    w, run = config.warmup, config.run
+    if w.rounds == AUTO and config.data.validation_fraction == 0:
+        raise ConfigError(f"{where}: warmup.rounds = \"auto\" pivots on validation accuracy, "
+                          "and there is no validation split; set data.validation_fraction "
+                          "(e.g. 0.1)", "warmup.rounds")
+    if w.min_rounds > w.max_rounds:
+        raise ConfigError(f"{where}: warmup.min_rounds = {w.min_rounds} exceeds "
+                          f"warmup.max_rounds = {w.max_rounds}", "warmup.min_rounds")
+    latest = w.max_rounds if w.rounds == AUTO else w.rounds
+    if run.total_rounds and run.method in ("zowarmup", "zowarmup-hi-fo") \
+            and run.total_rounds <= latest:
+        raise ConfigError(f"{where}: run.total_rounds = {run.total_rounds} leaves no ZO round "
+                          f"after a pivot at round {latest}; allowed: more than {latest}",
+                          "run.total_rounds")
 
 
 def _check_bbpt(config: Config, where: str) -> None:

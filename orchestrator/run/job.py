@@ -17,7 +17,7 @@ import torch
 from protocols.zo import weights_sha256
 
 from ..bbpt.job import execute_bbpt
-from ..config import Config
+from ..config import AUTO, Config
 from .progress import Progress
 from .state import Plan, RunDir, plan_run
 from .summary import phase_figures
@@ -44,7 +44,7 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     plan = plan_run(config)
     progress = progress or Progress(plan.warmup_rounds + plan.zo_rounds)
     started = rd.started()
-    model = run_warmup(config, plan, rd, progress, started)
+    model, plan = run_warmup(config, plan, rd, progress, started)
     if plan.zo_rounds:
         weights = run_zo(config, plan, rd, progress, started, local_agents, simulate, workers)
         sha = weights_sha256(weights)
@@ -73,6 +73,7 @@ def summarize(config: Config, plan: Plan, rd: RunDir, sha: str, wall_s: float) -
         "best_acc": figures["best_acc"],
         "pivot_acc": figures["pivot_acc"] if plan.zo_rounds else None,
         "pivot_round": plan.warmup_rounds if plan.zo_rounds else None,
+        "pivot": "auto" if config.warmup.rounds == AUTO and plan.zo_rounds else "fixed",
         "warmup_rounds": plan.warmup_rounds, "zo_rounds": plan.zo_rounds,
         "clients": len(plan.parts), "high_resource_clients": int(np.sum(plan.high)),
         "agents": len(plan.parts) if plan.zo_rounds else 0,

@@ -39,7 +39,7 @@ from protocols.errors import ZoError
 from protocols.journal import Journal, read_journal
 from protocols.robust import Robustness
 
-from ..config import Config
+from ..config import AUTO, Config
 from ..train.data import (
     Dataset,
     assign_resources,
@@ -74,9 +74,11 @@ def agent_ids(count: int) -> list[str]:
     return [f"client-{i:03d}" for i in range(count)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What follows from the config alone: the data, who holds what, who is high-resource."""
+    """What follows from the config alone: the data, who holds what, who is high-resource,
+    and how many rounds each phase has (with an automatic pivot, ``warmup_rounds`` is the
+    most it may take until :meth:`settle` fixes it)."""
 
     dataset: Dataset
     parts: list[np.ndarray]
@@ -84,6 +86,8 @@ class Plan:
     warmup_rounds: int  # the pivot round (0 = ZO from scratch)
     zo_rounds: int
     validation: tuple[np.ndarray, np.ndarray] | None = None  # held out from every client
+    auto_pivot: bool = False  # the pivot is found by the plateau rule (run/pivot.py)
+    total_rounds: int = 0  # > 0: the ZO phase runs what the warm-up leaves of this budget
 
     @property
     def agent_ids(self) -> list[str]:
@@ -96,6 +100,11 @@ class Plan:
             sets["val"] = self.validation
         return sets
 
+    def settle(self, pivot: int) -> Plan:
+        """The plan once the warm-up has ended at ``pivot`` (a ZO phase follows)."""
+        zo = self.total_rounds - pivot if self.total_rounds else self.zo_rounds
+        return dataclasses.replace(self, warmup_rounds=pivot, zo_rounds=zo, auto_pivot=False)
+
 
 def plan_run(config: Config) -> Plan:
     d = config.data
@@ -105,11 +114,25 @@ def plan_run(config: Config) -> Plan:
         dataset, validation = hold_out(dataset, d.validation_fraction, config.run.seed)
     parts = dirichlet_partition(dataset.y_train, d.clients, d.alpha, config.run.seed)
     high = assign_resources(d.clients, parse_split(d.split), config.run.seed)
-    method = config.run.method
-    warmup = {"zowarmup": config.warmup.rounds, "zowarmup-hi-fo": config.warmup.rounds,
-              "zo-scratch": 0, "high-res-only": config.warmup.rounds + config.zo.rounds}[method]
-    zo = 0 if method == "high-res-only" else config.zo.rounds
-    return Plan(dataset, parts, high, warmup, zo, validation)
+    warmup, zo, auto = phase_rounds(config)
+    return Plan(dataset, parts, high, warmup, zo, validation, auto, config.run.total_rounds)
+
+
+def phase_rounds(config: Config) -> tuple[int, int, bool]:
+    """(warm-up rounds, ZO rounds, automatic pivot) of the run's method.
+
+    With ``run.total_rounds`` the methods share one budget: High-Res-Only trains first-order
+    for all of it, ZO from scratch runs it all as ZO, and ZOWarmUp's ZO phase gets what its
+    warm-up leaves. With an automatic pivot the warm-up rounds are the most it may take.
+    """
+    w, total, method = config.warmup, config.run.total_rounds, config.run.method
+    auto = w.rounds == AUTO
+    warm = w.max_rounds if auto else int(w.rounds)
+    if method == "zo-scratch":
+        return 0, total or config.zo.rounds, False
+    if method == "high-res-only":
+        return total or warm + config.zo.rounds, 0, False
+    return warm, (total - warm) if total else config.zo.rounds, auto
 
 
 def hold_out(dataset: Dataset, fraction: float, seed: int

@@ -16,6 +16,7 @@ from export import export_model
 from ..config import Config
 from ..train.data import write_partition
 from ..train.fedavg import evaluate, resolve_device
+from .pivot import PlateauRule, validation_curve
 from .progress import Progress
 from .state import CHECKPOINT, SHARDS, Plan, RunDir, evaluation_row
 from .training import build, trainer
@@ -24,31 +25,40 @@ log = logging.getLogger("zowarmup.warmup")
 
 
 def run_warmup(config: Config, plan: Plan, rd: RunDir, progress: Progress,
-               started: float) -> torch.nn.Module:
-    """Train (or finish training) the warm-up; export and write the shards at the pivot."""
+               started: float) -> tuple[torch.nn.Module, Plan]:
+    """Train (or finish training) the warm-up; export and write the shards at the pivot.
+
+    Returns the model and the plan with its pivot settled (an automatic pivot is known
+    only once the warm-up's validation accuracy has stopped improving).
+    """
     state = rd.state()
     if plan.warmup_rounds:
-        model = _train(config, plan, rd, progress, started, state)
+        model, plan = _train(config, plan, rd, progress, started, state)
     else:
         model = build(config, plan)
     if plan.zo_rounds and state.get("phase") not in ("zo", "done"):
         pivot(config, plan, rd, model)
-    return model
+    return model, plan
 
 
 def _train(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: float,
-           state: dict) -> torch.nn.Module:
+           state: dict) -> tuple[torch.nn.Module, Plan]:
     fedavg = trainer(config, plan)
     checkpoint = rd.path / CHECKPOINT
     if checkpoint.exists():
         fedavg.load_checkpoint(checkpoint)
-    if state.get("phase") in ("zo", "done"):
-        return fedavg.model
+    rule = _plateau(config) if plan.auto_pivot else None
+    if state.get("phase") in ("zo", "done"):  # the warm-up is over: its pivot is on record
+        return fedavg.model, (plan.settle(int(state["pivot_round"])) if plan.auto_pivot
+                              else plan)
     rd.keep_metrics(below_round=fedavg.next_round)
     rd.set_state(phase="warmup")
     progress.skip(fedavg.next_round)
     device = resolve_device(config.run.device)
+    settled = _settled(rule, rd, fedavg.next_round) if rule else None
     for r in range(fedavg.next_round, plan.warmup_rounds):
+        if settled is not None:
+            break
         stats = fedavg.run_round(r)
         fedavg.save_checkpoint(checkpoint)
         scores: dict = {"test_acc": None, "test_loss": None}
@@ -62,7 +72,24 @@ def _train(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
                         "downlink_bytes": stats.downlink_bytes * n,
                         "train_loss": stats.train_loss, "wall_s": time.time() - started})
         progress.update("warm-up", r, scores["test_acc"])
-    return fedavg.model
+        settled = _settled(rule, rd, r + 1) if rule else None
+    if not plan.auto_pivot:
+        return fedavg.model, plan
+    pivot_round = settled or plan.warmup_rounds
+    log.info("automatic pivot after %d warm-up round(s): validation accuracy stopped "
+             "improving", pivot_round)
+    rd.set_state(pivot_round=pivot_round)
+    return fedavg.model, plan.settle(pivot_round)
+
+
+def _plateau(config: Config) -> PlateauRule:
+    w = config.warmup
+    return PlateauRule(w.min_rounds, w.max_rounds, w.patience, w.min_delta)
+
+
+def _settled(rule: PlateauRule, rd: RunDir, done: int) -> int | None:
+    """The automatic pivot, if the rounds written so far already decide it."""
+    return rule.pivot(validation_curve(rd.metrics()), done)
 
 
 def pivot(config: Config, plan: Plan, rd: RunDir, model: torch.nn.Module) -> None:
