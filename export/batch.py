@@ -83,8 +83,9 @@ def check_batch_reaches(graph: onnx.GraphProto, shapes: Shapes, head: str,
     dims = shapes.of(head)
     if dims and dims[0] == BATCH:
         return
+    used = {i for node in graph.node for i in node.input} | {head}
     for node in graph.node:
-        lost = _fixed_where_batch_was(node, shapes)
+        lost = _fixed_where_batch_was(node, shapes, used)
         if lost is None:
             continue
         taken, given = lost
@@ -99,14 +100,19 @@ def check_batch_reaches(graph: onnx.GraphProto, shapes: Shapes, head: str,
             "fixed_batch")
 
 
-def _fixed_where_batch_was(node: onnx.NodeProto, shapes: Shapes) -> tuple[str, str] | None:
-    """(input, output) when the node reads the batch and outputs data led by a number."""
+def _fixed_where_batch_was(node: onnx.NodeProto, shapes: Shapes,
+                           used: set[str]) -> tuple[str, str] | None:
+    """(input, output) when the node reads the batch and gives data led by a number.
+
+    Only outputs the logits need count: a node's unused extra outputs (statistics of a
+    normalization, say) have no batch by nature.
+    """
     taken = next((i for i in node.input if i and BATCH in (shapes.of(i) or ())), None)
     if taken is None:
         return None
     for out in node.output:
         dims = shapes.of(out)
-        if (out and shapes.is_data(out) and dims and BATCH not in dims
+        if (out in used and shapes.is_data(out) and dims and BATCH not in dims
                 and isinstance(dims[0], int)):
             return taken, out
     return None

@@ -3,7 +3,7 @@
 The source is any graph with one float input and a logits-like output: ``[B, C]``,
 ``[B, C, 1, 1]``, or the probabilities of a final Softmax (``head.py``). Its weights may
 be float initializers, Constant nodes, or initializers also listed as inputs (IR < 4);
-opsets below 13 are upgraded. Lifting makes the chosen weights graph inputs (in the
+opsets below 14 are upgraded. Lifting makes the chosen weights graph inputs (in the
 order the graph first reads them), writes their values to ``weights.bin``, appends the
 loss head (input ``y``, outputs ``loss`` and ``correct``) and frees the batch size,
 rewriting what a fixed-batch export pinned (``batch.py``). The weights are the float
@@ -50,6 +50,7 @@ from .surgery import (
 from .verify import OnnxReference, onnx_reference, ort_session, quiet_run
 
 MIN_OPSET = 13  # ReduceSum with axes as an input; SoftmaxCrossEntropyLoss
+INFERENCE_OPSET = 14  # Reshape's shape inference follows computed targets
 LOGITS_FROM_TEXT = {
     "squeezed": "the logits output [batch, classes, 1, 1], flattened",
     "softmax-input": "the logits fed to the model's final Softmax/LogSoftmax",
@@ -105,7 +106,7 @@ class Lifted:
 
 def load_source(source: str | Path | onnx.ModelProto, output: str | None = None,
                 input_shape: Sequence[int] | None = None) -> Source:
-    """Load, check, bring to opset 13+, find input and logits, free the batch size."""
+    """Load, check, bring to opset 14+, find input and logits, free the batch size."""
     original = _read(source)
     model = _upgraded(original)
     with contextlib.suppress(Exception):  # declared shapes help find the logits
@@ -127,14 +128,22 @@ def load_source(source: str | Path | onnx.ModelProto, output: str | None = None,
 
 
 def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model at opset 13 or newer: the loss head and the batch rewrites need it."""
-    if opset_of(model) >= MIN_OPSET:
+    """The model at opset 14 or newer where the converter can, 13 at least.
+
+    The loss head needs 13; freeing the batch needs 14, where Reshape's shape inference
+    follows a target computed from ``Shape(x)``: at 13 it loses the batch there, and
+    every fixed size downstream stays hidden.
+    """
+    opset = opset_of(model)
+    if opset >= INFERENCE_OPSET:
         return copy.deepcopy(model)
     try:
-        return version_converter.convert_version(model, MIN_OPSET)
+        return version_converter.convert_version(model, INFERENCE_OPSET)
     except Exception as exc:
-        raise ExportError(f"the model uses opset {opset_of(model)} and converting it to "
-                          f"{MIN_OPSET} failed ({str(exc)[:300]}); re-export it with "
+        if opset >= MIN_OPSET:
+            return copy.deepcopy(model)  # inference will see less; the smoke run checks
+        raise ExportError(f"the model uses opset {opset} and converting it to "
+                          f"{INFERENCE_OPSET} failed ({str(exc)[:300]}); re-export it with "
                           f"opset >= {MIN_OPSET}") from None
 
 

@@ -143,6 +143,38 @@ def test_a_cnn_exported_at_batch_1_is_lifted_with_its_flatten_rewritten(cnn_file
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+class TinyTokens(torch.nn.Module):
+    """Patch embedding, a class token ``expand``-ed to the batch, mean over tokens, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(1, 6, 4, stride=4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 6))
+        self.fc = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).view(x.size(0), 6, -1).transpose(1, 2)
+        cls = self.cls.expand(x.size(0), -1, -1)
+        return self.fc(torch.tanh(torch.cat([cls, tokens], dim=1)).mean(1))
+
+
+@pytest.mark.parametrize("exporter", ["legacy-opset-13", "dynamo"])
+def test_a_class_token_expanded_at_batch_1_is_expanded_to_the_batch(tmp_path, exporter):
+    """The legacy exporter computes expand's shape from constants; at opset 13 its
+    Reshape hides the batch from inference unless the model is upgraded to 14. The
+    default exporter drops the no-op expand and leaves a [1, 1, 6] constant for Concat."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyTokens().eval(), (torch.randn(1, 1, 8, 8),),
+                          str(tmp_path / "tokens.onnx"), dynamo=exporter == "dynamo",
+                          **({} if exporter == "dynamo" else {"opset_version": 13,
+                                                              "do_constant_folding": False}))
+    manifest = _lifts_and_verifies(tmp_path / "tokens.onnx", tmp_path / "out")
+    assert [r.new[0] for r in manifest.rewrites if r.op in ("Expand", "Concat")] == ["batch"]
+    assert manifest.opset >= 14
+
+
 # --- onnx.helper graphs as model zoos wrote them ------------------------------------------
 
 
@@ -249,7 +281,7 @@ def test_opset_9_with_initializers_listed_as_inputs_is_upgraded_and_lifted(tmp_p
     source = _model(nodes, inits, [1, 3, 4, 4], "prob", [1, C], opset=9, inits_as_inputs=True)
     lifted = lift_onnx(source, tmp_path)
     manifest = lifted.manifest
-    assert manifest.opset == 13 and manifest.batchnorm == "eval"
+    assert manifest.opset == 14 and manifest.batchnorm == "eval"
     assert manifest.logits_from == "softmax-input"
     assert [r.describe() for r in manifest.rewrites] == ["Reshape 'flatten': [1, -1] -> [0, -1]"]
     assert lifted.source_names == ("conv_w", "conv_b", "bn_scale", "bn_bias", "fc_w", "fc_b")
