@@ -18,7 +18,10 @@ and the constants that pin it are rewritten, but only where the batch is proven:
   a batch-led value or becomes the logits: the entry becomes the batch at run time
   (``Shape(x)[0:1]``);
 * a Resize whose ``sizes`` start with the declared batch and whose input starts with the
-  batch: likewise.
+  batch: likewise;
+* at a declared batch of 1, a ``[1, ...]`` input that a Concat (off axis 0) joins to
+  batch-led ones, as a class token is once an exporter drops its no-op ``expand``:
+  expanded to the batch at run time.
 
 Rewriting repeats until nothing more is found, since a rewrite upstream lets inference
 see the batch further down. If the logits still do not start with the batch, the first
