@@ -40,7 +40,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 METHODS = ("zowarmup", "high-res-only", "zo-scratch", "zowarmup-hi-fo",
+           "fedavg-all", "fedsgd-all",  # first-order ceilings from the pivot (run/ceilings.py)
            "bbpt")  # bbpt: black-box prompt tuning, the [bbpt] table
+PIVOTING = ("zowarmup", "zowarmup-hi-fo", "fedavg-all", "fedsgd-all")  # warm-up, then more
+ZO_CLIENTS = ("all", "high")
 DATASETS = ("digits", "cifar10", "npz", "bbc-news")
 PROMPTS = ("continuous", "discrete")
 BLACKBOXES = ("remote", "local")
@@ -121,6 +124,7 @@ class ZoSection:
     distribution: str = "rademacher"
     scale: float = 1.0
     clients_per_round: int | None = None  # None = every client
+    clients: str = "all"  # "high": only the high-resource clients take ZO rounds (a ceiling)
     quorum: float = 1.0
     deadline_s: float = 120.0
     micro_batch: int = 64
@@ -349,6 +353,7 @@ RULES: dict[str, dict[str, _Rule]] = {
         "distribution": _choice(DISTRIBUTIONS),
         "scale": _floats(0.0, 1e3),
         "clients_per_round": _ints(1, optional=True, extra=" (leave it out for every client)"),
+        "clients": _choice(ZO_CLIENTS),
         "quorum": _floats(0.0, 1.0),
         "deadline_s": _floats(1e-3, 7 * 86400.0, lo_open=False),
         "micro_batch": _ints(1),
@@ -606,6 +611,7 @@ def _cross_checks(config: Config, where: str) -> None:
     _check_data_path(data, where)
     _check_model(config.model, where)
     _check_pivot(config, where)
+    _check_zo_clients(config, where)
     high_count = _high_resource_count(data.clients, high)
     wanted = config.warmup.clients_per_round
     if run.method != "zo-scratch" and wanted is not None and wanted > high_count:
@@ -630,6 +636,13 @@ def _cross_checks(config: Config, where: str) -> None:
     _check_bbpt(config, where)
 
 
+def _check_zo_clients(config: Config, where: str) -> None:
+    if config.zo.clients == "high" and config.run.method != "zowarmup":
+        raise ConfigError(f"{where}: zo.clients = \"high\" (ZO over the high-resource clients "
+                          f"only) is a variant of run.method = \"zowarmup\", not of "
+                          f"{_toml_string(config.run.method)}", "zo.clients")
+
+
 def _check_pivot(config: Config, where: str) -> None:
     """The automatic pivot decides on a validation split, never on the test split; a total
     budget must leave the ZO phase at least one round after the latest possible pivot."""
@@ -642,7 +655,7 @@ def _check_pivot(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: warmup.min_rounds = {w.min_rounds} exceeds "
                           f"warmup.max_rounds = {w.max_rounds}", "warmup.min_rounds")
     latest = w.max_rounds if w.rounds == AUTO else w.rounds
-    if run.total_rounds and run.method in ("zowarmup", "zowarmup-hi-fo") \
+    if run.total_rounds and run.method in PIVOTING \
             and run.total_rounds <= latest:
         raise ConfigError(f"{where}: run.total_rounds = {run.total_rounds} leaves no ZO round "
                           f"after a pivot at round {latest}; allowed: more than {latest}",

@@ -18,6 +18,7 @@ from protocols.zo import weights_sha256
 
 from ..bbpt.job import execute_bbpt
 from ..config import AUTO, Config
+from .ceilings import FIRST_ORDER_AFTER_PIVOT, run_first_order
 from .progress import Progress
 from .state import Plan, RunDir, plan_run
 from .summary import phase_figures
@@ -44,8 +45,11 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     plan = plan_run(config)
     progress = progress or Progress(plan.warmup_rounds + plan.zo_rounds)
     started = rd.started()
-    model, plan = run_warmup(config, plan, rd, progress, started)
-    if plan.zo_rounds:
+    first_order = config.run.method in FIRST_ORDER_AFTER_PIVOT
+    model, plan = run_warmup(config, plan, rd, progress, started, export=not first_order)
+    if first_order:
+        sha = torch_sha256(run_first_order(config, plan, rd, model, progress, started))
+    elif plan.zo_rounds:
         weights = run_zo(config, plan, rd, progress, started, local_agents, simulate, workers)
         sha = weights_sha256(weights)
     else:
@@ -66,6 +70,7 @@ def torch_sha256(model: torch.nn.Module) -> str:
 
 def summarize(config: Config, plan: Plan, rd: RunDir, sha: str, wall_s: float) -> dict:
     figures = phase_figures(rd.metrics())
+    first_order = config.run.method in FIRST_ORDER_AFTER_PIVOT
     return {
         "name": config.run.name, "method": config.run.method,
         "dataset": config.data.dataset, "model": config.model.name,
@@ -74,9 +79,11 @@ def summarize(config: Config, plan: Plan, rd: RunDir, sha: str, wall_s: float) -
         "pivot_acc": figures["pivot_acc"] if plan.zo_rounds else None,
         "pivot_round": plan.warmup_rounds if plan.zo_rounds else None,
         "pivot": "auto" if config.warmup.rounds == AUTO and plan.zo_rounds else "fixed",
-        "warmup_rounds": plan.warmup_rounds, "zo_rounds": plan.zo_rounds,
+        "warmup_rounds": plan.warmup_rounds,
+        "zo_rounds": 0 if first_order else plan.zo_rounds,
+        "first_order_rounds_after_pivot": plan.zo_rounds if first_order else 0,
         "clients": len(plan.parts), "high_resource_clients": int(np.sum(plan.high)),
-        "agents": len(plan.parts) if plan.zo_rounds else 0,
+        "agents": len(plan.parts) if plan.zo_rounds and not first_order else 0,
         "bytes_per_client_round": figures["bytes_per_client_round"],
         "final_sha256": sha, "wall_s": round(wall_s, 2),
     }

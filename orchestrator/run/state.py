@@ -53,7 +53,7 @@ from ..train.data import (
 CONFIG, STATE, METRICS, SUMMARY = "config.toml", "state.json", "metrics.jsonl", "summary.json"
 CHECKPOINT, JOURNAL, MODEL, SHARDS, AGENTS = "warmup.pt", "journal", "model", "shards", "agents"
 BLACKBOX = "blackbox"  # prompt tuning: the frozen model its owner serves
-PHASES = ("warmup", "zo", "bbpt")  # what a metrics row's "phase" may say
+PHASES = ("warmup", "zo", "fo", "bbpt")  # a metrics row's "phase"; fo: first-order ceilings
 
 
 class RunError(ZoError):

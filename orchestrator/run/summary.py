@@ -3,19 +3,21 @@ a finished run writes and for the report of a run still going."""
 
 from __future__ import annotations
 
-PHASES_WITH_BYTES = ("warmup", "zo")
+PHASES_WITH_BYTES = ("warmup", "zo", "fo")
 
 
 def phase_figures(rows: list[dict]) -> dict:
     """Accuracies, the pivot, round counts and bytes per client and round, from the rows.
 
-    The pivot is the switch to ZO: ``pivot_round`` is the first ZO round and ``pivot_acc``
-    the last warm-up evaluation before it; both are None while (or when) no ZO round has
-    been logged. Bytes are per participating client and round, averaged over the phase.
+    The pivot is the end of the warm-up: ``pivot_round`` is the first ZO round (or
+    first-order ceiling round) and ``pivot_acc`` the last warm-up evaluation before it;
+    both are None while (or when) no such round has been logged. Bytes are per
+    participating client and round, averaged over the phase.
     """
     evaluated = [r for r in rows if r.get("test_acc") is not None]
     zo_rounds = [r["round"] for r in rows if r["phase"] == "zo"]
-    pivot_round = min(zo_rounds) if zo_rounds else None
+    after = [r["round"] for r in rows if r["phase"] in ("zo", "fo")]  # what follows a pivot
+    pivot_round = min(after) if after else None
     warm_evals = [r for r in evaluated if r["phase"] == "warmup"
                   and (pivot_round is None or r["round"] < pivot_round)]
 
@@ -28,7 +30,7 @@ def phase_figures(rows: list[dict]) -> dict:
         "final_acc": evaluated[-1]["test_acc"] if evaluated else None,
         "final_val_acc": evaluated[-1].get("val_acc") if evaluated else None,
         "best_acc": max((r["test_acc"] for r in evaluated), default=None),
-        "pivot_acc": warm_evals[-1]["test_acc"] if warm_evals and zo_rounds else None,
+        "pivot_acc": warm_evals[-1]["test_acc"] if warm_evals and after else None,
         "pivot_round": pivot_round,
         "warmup_rounds": len({r["round"] for r in rows if r["phase"] == "warmup"}),
         "zo_rounds": len(set(zo_rounds)),

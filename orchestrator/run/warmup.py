@@ -22,21 +22,23 @@ from .state import CHECKPOINT, SHARDS, Plan, RunDir, evaluation_row
 from .training import build, trainer
 
 log = logging.getLogger("zowarmup.warmup")
+AFTER_PIVOT = ("zo", "fo", "done")  # state.json phases that follow the warm-up
 
 
 def run_warmup(config: Config, plan: Plan, rd: RunDir, progress: Progress,
-               started: float) -> tuple[torch.nn.Module, Plan]:
+               started: float, export: bool = True) -> tuple[torch.nn.Module, Plan]:
     """Train (or finish training) the warm-up; export and write the shards at the pivot.
 
     Returns the model and the plan with its pivot settled (an automatic pivot is known
-    only once the warm-up's validation accuracy has stopped improving).
+    only once the warm-up's validation accuracy has stopped improving). ``export=False``:
+    what follows the pivot is not ZO (a first-order ceiling), so nothing is exported.
     """
     state = rd.state()
     if plan.warmup_rounds:
         model, plan = _train(config, plan, rd, progress, started, state)
     else:
         model = build(config, plan)
-    if plan.zo_rounds and state.get("phase") not in ("zo", "done"):
+    if export and plan.zo_rounds and state.get("phase") not in AFTER_PIVOT:
         pivot(config, plan, rd, model)
     return model, plan
 
@@ -48,7 +50,7 @@ def _train(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
     if checkpoint.exists():
         fedavg.load_checkpoint(checkpoint)
     rule = _plateau(config) if plan.auto_pivot else None
-    if state.get("phase") in ("zo", "done"):  # the warm-up is over: its pivot is on record
+    if state.get("phase") in AFTER_PIVOT:  # the warm-up is over: its pivot is on record
         return fedavg.model, (plan.settle(int(state["pivot_round"])) if plan.auto_pivot
                               else plan)
     rd.keep_metrics(below_round=fedavg.next_round)

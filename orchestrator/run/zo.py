@@ -51,7 +51,7 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
         state = ModelState.load(rd.model, direction_spec(config), history, deltas)
         coordinator = start_coordinator(state, config.run.name, config.run.seed,
                                         round_policy(config), history, journal)
-        pool = plan.agent_ids
+        pool = zo_pool(config, plan)
         if simulate:
             fleet = worker_fleet(config, rd, state, coordinator, stack, pool, history,
                                  workers, deltas)
@@ -77,3 +77,11 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
                      plan, rd.path).play if hilo else None)
         run_rounds(loop, schedule, evaluate, recorder, play)
         return state.weights
+
+
+def zo_pool(config: Config, plan: Plan) -> list[str]:
+    """The clients that take ZO rounds: all of them, or (a ceiling: what the low-resource
+    clients' data adds) only the high-resource ones."""
+    if config.zo.clients == "high":
+        return [a for a, high in zip(plan.agent_ids, plan.high) if high]
+    return plan.agent_ids
