@@ -14,7 +14,19 @@ Messages stay small at fleet scale: ``open_round`` sends each participant its ow
 ``RoundStart`` on its inbox, and the commit names its seeds by slot (participant index,
 direction) instead of listing them, since they follow from the run seed (``compact.py``).
 
-Every refused message is counted by its reason in ``refused`` and changes nothing.
+Every refused message is counted by its reason in ``refused`` (and in the sending agent's
+record) and changes nothing.
+
+Liveness is state, not a timeout. An agent is *offline* once its status says so (its clean
+goodbye, or the last will the broker publishes for a connection that died: at once for a
+killed process, within 1.5 keep-alive intervals for a silent one), once the orchestrator's
+own connection was lost (until its retained status or a hello says it is back), or after
+``max_missed_rounds`` rounds in a row it was chosen for and did not answer (until it says
+hello again). It is *catching up* while it is online but not known to hold the current
+state (or the one just before it: that one gets the last commit first). Only the rest,
+*online*, are drawn (``draw``), and a round closes as soon as every participant that has
+not answered is offline (``ready``), so a dead device costs one round's deadline at most,
+and only once.
 Closing a round clips every scalar to a bound derived from the run's own scales, and
 may trim the extremes (``protocols/robust.py``); ``clipped`` and ``trimmed`` count them.
 """
@@ -23,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import topics
@@ -63,6 +75,7 @@ class RoundPolicy:
     quorum: float = 1.0  # fraction of the round's participants whose results close it early
     deadline_s: float = 60.0
     robust: Robustness = field(default_factory=Robustness)
+    max_missed_rounds: int = 2  # rounds in a row without a result before an agent is offline
 
     def __post_init__(self) -> None:
         for name in ("eps", "lr", "deadline_s"):
@@ -73,16 +86,23 @@ class RoundPolicy:
         if self.directions < 1 or self.local_steps < 1:
             raise ProtocolError("round policy: directions and local_steps must be >= 1",
                                 "bad_policy")
+        if self.max_missed_rounds < 1:
+            raise ProtocolError("round policy: max_missed_rounds must be >= 1", "bad_policy")
 
 
 @dataclass
 class AgentRecord:
     capabilities: Capabilities
-    version: int = -1
+    version: int = -1  # the state it last reported (hello or result)
     fingerprint: str = ""
-    online: bool = True
+    online: bool = True  # connected, as far as its status and hellos say
     last_seen: float = 0.0
-    results: int = 0
+    results: int = 0  # rounds answered
+    synced: bool = False  # its last report was the current state or the one before it
+    missed: int = 0  # rounds in a row it was chosen for and did not answer
+    missed_total: int = 0
+    offline_reason: str = ""  # why it went offline, while it is
+    refused: Counter[str] = field(default_factory=Counter)  # its messages refused, by reason
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,10 @@ class Coordinator:
         self._closing: Commit | None = None
         self._slots: SeedSlots | None = None  # where the closing commit's seeds come from
         self._message: CommitMessage | None = None  # the closing commit's, once made
+        self._base = (version, fingerprint)  # the state this coordinator started from
+        self.skipped: dict[str, str] = {}  # left out of the latest draw, and why
+        self._gone: set[str] = set()  # participants of the open round known offline
+        self._gone_round = -1  # the round ``_gone`` is about
 
     # --- what the driver subscribes to and announces -----------------------------------
 
@@ -185,7 +209,7 @@ class Coordinator:
         if r is None:
             return False
         need = math.ceil(self.policy.quorum * len(r.plan.participants))
-        return len(r.results) >= need or now >= r.deadline
+        return len(r.results) >= need or now >= r.deadline or self._all_outstanding_gone()
 
     def close_round(self) -> Commit:
         """Aggregate what arrived, in participant order (arrival order must not change bits)."""
@@ -193,6 +217,7 @@ class Coordinator:
         if r is None:
             raise RuntimeError("no round is open")
         plan = r.plan
+        self._attend(plan.participants, r.results)
         answered = [(i, r.results[a]) for i, a in enumerate(plan.participants) if a in r.results]
         scalars = [g for _, x in answered for g in x.scalars]
         scale = round_scale(scalars)
@@ -254,6 +279,7 @@ class Coordinator:
 
     def receive(self, topic: str, payload: bytes, now: float) -> list[Send]:
         """Handle one inbound message; never raises for bad input, counts it instead."""
+        where = None
         try:
             where = topics.parse_agent_topic(self.run_id, topic)
             message = decode(payload)
@@ -267,10 +293,14 @@ class Coordinator:
         except ProtocolError as exc:
             self.refused[exc.code] += 1
             self.refusals.append(f"{topic}: {exc}")
+            if where is not None and where.agent_id in self.agents:
+                self.agents[where.agent_id].refused[exc.code] += 1
             return []
 
     def _refuse(self, agent_id: str, code: str, detail: str, round_id: int = -1) -> list[Send]:
         self.refused[code] += 1
+        if agent_id in self.agents:
+            self.agents[agent_id].refused[code] += 1
         self.refusals.append(f"{agent_id}: {detail}")
         error = Error(code, detail, round_id)
         return [Send(topics.agent(self.run_id, agent_id, "inbox"), encode(error))]
@@ -283,15 +313,22 @@ class Coordinator:
         record = self.agents.setdefault(hello.agent_id, AgentRecord(hello.capabilities))
         record.capabilities, record.version, record.fingerprint = (hello.capabilities,
                                                                    hello.version, hello.fingerprint)
-        record.online, record.last_seen = True, now
+        record.online, record.last_seen, record.missed, record.offline_reason = True, now, 0, ""
+        record.synced = hello.version >= self.version - 1 and self._on_history(record)
+        self._gone.discard(hello.agent_id)
         if hello.version < 0:
             return []
         return self._sync_reply(hello.agent_id, hello.version, hello.fingerprint)
 
     def _on_status(self, status: Status, now: float) -> list[Send]:
         record = self.agents.get(status.agent_id)
-        if record is not None:
-            record.online, record.last_seen = status.state == "online", now
+        if record is None:
+            return []
+        if status.state == "online":
+            record.online, record.offline_reason, record.last_seen = True, "", now
+            self._gone.discard(status.agent_id)
+        else:
+            self._went_offline(status.agent_id, "its status or last will said offline")
         return []
 
     def _on_sync(self, request: SyncRequest, now: float) -> list[Send]:
@@ -350,4 +387,105 @@ class Coordinator:
         record = self.agents[agent]
         record.results, record.last_seen = record.results + 1, now
         record.version, record.fingerprint = result.round, result.fingerprint
+        record.synced = True
         return []
+
+    # --- liveness -----------------------------------------------------------------------
+
+    def state_of(self, agent_id: str) -> tuple[str, str]:
+        """``("online" | "catching up" | "offline", why)`` for one agent, as known now."""
+        record = self.agents.get(agent_id)
+        if record is None:
+            return "offline", "never said hello"
+        if not record.online:
+            return "offline", record.offline_reason or "its status said offline"
+        if record.missed >= self.policy.max_missed_rounds:
+            return "offline", (f"missed {record.missed} rounds in a row; chosen again once "
+                               "it says hello")
+        if not record.synced:
+            held = "no model yet" if record.version < 0 else f"at version {record.version}"
+            return "catching up", f"{held}, the run is at {self.version}"
+        return "online", ""
+
+    def behind(self, agent_id: str) -> int | None:
+        """Commits since the state an agent last reported: 0 while it is online and synced
+        (connected, every commit reaches it), None while it holds no model."""
+        record = self.agents.get(agent_id)
+        if record is None or record.version < 0:
+            return None
+        return 0 if record.synced and record.online else max(0, self.version - record.version)
+
+    def eligible(self, pool: Iterable[str] | None = None) -> tuple[list[str], dict[str, str]]:
+        """The agents of ``pool`` (default: every agent that said hello, sorted) that can
+        take part in a round now, in pool order, and why each other one cannot."""
+        ready: list[str] = []
+        skipped: dict[str, str] = {}
+        for agent in sorted(self.agents) if pool is None else pool:
+            state, why = self.state_of(agent)
+            if state == "online":
+                ready.append(agent)
+            else:
+                skipped[agent] = f"{state}: {why}"
+        return ready, skipped
+
+    def draw(self, choose: Callable[[Sequence[str], int], list[str]],
+             pool: Iterable[str] | None = None) -> list[str]:
+        """The next round's participants: ``choose(eligible agents, version)``, a seeded
+        draw, so it follows from the run seed, the round and who is live. Who was left out
+        and why stays in ``skipped`` for the round's record."""
+        ready, self.skipped = self.eligible(pool)
+        return choose(ready, self.version) if ready else []
+
+    def connection_lost(self) -> None:
+        """The orchestrator's connection to the broker was lost: what the broker told about
+        who left meanwhile is lost with it. Everyone is offline until its retained status
+        (subscribe again to read it) or a hello says otherwise."""
+        for agent, record in self.agents.items():
+            if record.online:
+                self._went_offline(agent, "the orchestrator's broker connection was lost; not "
+                                   "back since")
+
+    def _went_offline(self, agent_id: str, reason: str) -> None:
+        record = self.agents[agent_id]
+        record.online, record.offline_reason = False, reason
+        r = self._round
+        if r is not None and agent_id in r.plan.assignments:
+            self._all_outstanding_gone()  # makes sure _gone is about this round
+            self._gone.add(agent_id)
+
+    def _all_outstanding_gone(self) -> bool:
+        """Every participant that has not answered is known offline: waiting is for
+        nobody. Kept as a set per round, so checking costs nothing per message."""
+        r = self._round
+        if r is None:
+            return False
+        if self._gone_round != r.plan.round:
+            self._gone_round = r.plan.round
+            self._gone = {a for a in r.plan.participants if self.state_of(a)[0] == "offline"}
+        outstanding = len(r.plan.participants) - len(r.results)
+        return outstanding > 0 and len(self._gone - r.results.keys()) >= outstanding
+
+    def _attend(self, participants: Sequence[str], results: Mapping[str, Result]) -> None:
+        """Count each participant's answer or miss: misses in a row make an agent offline."""
+        for agent in participants:
+            record = self.agents.get(agent)
+            if record is None:
+                continue
+            if agent in results:
+                record.missed = 0
+            else:
+                record.missed, record.missed_total = record.missed + 1, record.missed_total + 1
+
+    def fingerprint_at(self, version: int) -> str | None:
+        """The weights' fingerprint at ``version``, where this coordinator knows it."""
+        if version == self.version:
+            return self.fingerprint
+        if version == self._base[0]:
+            return self._base[1]
+        for message in reversed(self._history):
+            if message.commit.round + 1 == version:
+                return message.fingerprint
+        return None
+
+    def _on_history(self, record: AgentRecord) -> bool:
+        return record.version >= 0 and self.fingerprint_at(record.version) == record.fingerprint

@@ -54,9 +54,16 @@ def agent(run: str, agent_id: str, kind: str) -> str:
     return f"{base(run)}/agent/{check_identifier(agent_id, 'agent id')}/{kind}"
 
 
+def agent_filter(run: str, kind: str) -> str:
+    """Every agent's messages of one kind, e.g. their statuses."""
+    if kind not in AGENT_KINDS:
+        raise ValueError(f"unknown agent topic kind {kind!r}")
+    return f"{base(run)}/agent/+/{kind}"
+
+
 def agent_filters(run: str) -> list[str]:
     """What the orchestrator subscribes to: everything agents send (not the inboxes)."""
-    return [f"{base(run)}/agent/+/{kind}" for kind in AGENT_KINDS]
+    return [agent_filter(run, kind) for kind in AGENT_KINDS]
 
 
 @dataclass(frozen=True)

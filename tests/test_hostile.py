@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import math
 import struct
@@ -33,8 +34,9 @@ HONEST_SHA = "ab" * 32  # what Fleet announces
 
 def state(c: Coordinator) -> tuple:
     """Everything a message could change in the coordinator, its refusal counters aside
-    (`refused`, and `late` for stale results)."""
-    return (c.version, c.fingerprint, c.phase, copy.deepcopy(c.agents), c.round_results(),
+    (`refused`, each agent's own `refused`, and `late` for stale results)."""
+    agents = {a: dataclasses.replace(r, refused=None) for a, r in copy.deepcopy(c.agents).items()}
+    return (c.version, c.fingerprint, c.phase, agents, c.round_results(),
             c.history, tuple(c._scales), c.clipped, c.trimmed)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -155,6 +155,7 @@ class RoundReport:
     uplink_bytes: int  # every result's bytes
     downlink_bytes: int  # what one participant received
     scores: dict  # {"test_acc": .., "test_loss": .., ...}: None where not evaluated
+    skipped: dict[str, str] = field(default_factory=dict)  # left out of the draw, and why
 
 
 Play = Callable[[list[str]], Commit]  # one round for these participants (default: run_round)
@@ -170,4 +171,5 @@ def run_rounds(loop: RoundLoop, schedule: Schedule, evaluate: Callable[[], dict]
         commit = (play or loop.run_round)(participants)
         scores = evaluate() if schedule.evaluates(version) else dict(NOT_EVALUATED)
         record(RoundReport(version, participants, commit, loop.last_results,
-                           loop.fleet.result_bytes - up, loop.downlink_bytes - down, scores))
+                           loop.fleet.result_bytes - up, loop.downlink_bytes - down, scores,
+                           dict(loop.coordinator.skipped)))

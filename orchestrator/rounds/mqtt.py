@@ -40,11 +40,13 @@ def connect(url: str, client_id: str, username: str | None = None,
 
 
 class MqttFleet:
-    """Agents over MQTT; who takes part is who is in sync when a round is chosen.
+    """Agents over MQTT; who takes part is drawn from the agents the coordinator knows to be
+    live and in sync (``Coordinator.draw``): a round never waits for one known offline.
 
-    ``pool``: the agents this run started (each round waits up to ``join_timeout_s`` for
-    the chosen ones to be in sync); ``None`` for remote devices (``zowarmup serve``): the
-    first round waits for ``wanted`` agents to join, and rounds choose among those ready.
+    ``pool``: the agents this run started; ``None`` for remote devices (``zowarmup
+    serve``), where every agent that says hello may take part. The first round waits up to
+    ``join_timeout_s`` for the whole pool (or ``wanted`` remote agents) to be in sync; later
+    rounds draw from whoever is ready then, and wait only when nobody is.
     """
 
     def __init__(self, transport: MqttTransport, state: ModelState, coordinator: Coordinator,
@@ -54,9 +56,8 @@ class MqttFleet:
         self.transport, self.state, self.coordinator = transport, state, coordinator
         self.pool = list(pool) if pool is not None else None
         self.wanted, self.join_timeout_s = wanted, join_timeout_s
-        kept = coordinator.history
-        self._current = coordinator.fingerprint
-        self._previous = kept[-2].fingerprint if len(kept) > 1 else ""
+        self._joined = False  # the first round's wait is over
+        self._left_out: set[str] = set()  # the agents last reported left out of a round
         # A snapshot at least every keep/2 rounds: an agent too far behind for the kept
         # commits loads the latest snapshot and replays at most keep/2 commits from there.
         self.snapshot_every = snapshot_every or max(1, keep_commits // 2)
@@ -139,20 +140,16 @@ class MqttFleet:
         self._connects = self.transport.connects
         if self._connects > 1:
             log.warning("reconnected to the broker; publishing the model again")
+            # Who left while we were away is not known: everyone is offline until its
+            # retained status (sent again on a new SUBSCRIBE) or its hello says otherwise.
+            self.coordinator.connection_lost()
+            self.transport.subscribe(topics.agent_filter(self.run_id, "status"))
             self.snapshot = None  # a restarted broker holds no snapshot to clear
             self.publish_model(self.chunk_bytes)
 
     def ready_agents(self) -> list[str]:
-        """Online agents holding the current state, or the state just before the last commit.
-
-        An agent reports its state with each result and in hellos, not after applying a
-        commit; one that answered round r is still at r when round r+1 may open. It gets
-        the commit first (the broker keeps order), so it will compute on the current state.
-        """
-        c = self.coordinator
-        current, previous = (c.version, c.fingerprint), (c.version - 1, self._previous)
-        return sorted(a for a, r in c.agents.items()
-                      if r.online and (r.version, r.fingerprint) in (current, previous))
+        """Agents that can take part now: live and in sync (``Coordinator.state_of``)."""
+        return self.coordinator.eligible(self.pool)[0]
 
     def online_agents(self) -> list[str]:
         return sorted(a for a, r in self.coordinator.agents.items() if r.online)
@@ -166,28 +163,33 @@ class MqttFleet:
     # --- the fleet interface ----------------------------------------------------------------
 
     def participants(self, version: int, choose: Choose) -> list[str]:
-        if self.pool is None:  # remote devices: whoever joined, once enough have
-            ready = self.wait_for_agents(self.wanted, self.join_timeout_s)
-            if not ready:
+        """Drawn from the agents ready now. Only the first round waits for the fleet to
+        join; later ones wait only while no agent at all is ready (the broker restarting,
+        say), up to ``join_timeout_s``."""
+        c = self.coordinator
+        self.pump(0.005)  # statuses and hellos that came in since the last round
+        wanted = (len(self.pool) if self.pool is not None else self.wanted) \
+            if not self._joined else 1
+        self.wait_for_agents(wanted, self.join_timeout_s)
+        self._joined = True
+        chosen = c.draw(choose, self.pool)
+        if not chosen:
+            if self.pool is None:
                 raise RunError(f"no agent joined run {self.run_id!r} within "
                                f"{self.join_timeout_s:.0f} s; start agents with "
                                f"`zowarmup-agent run --run {self.run_id} --broker URL "
                                "--data SHARD`")
-            return choose(ready, version)
-        wanted = choose(self.pool, version)
-        end = time.monotonic() + self.join_timeout_s
-        while time.monotonic() < end and not set(wanted) <= set(self.ready_agents()):
-            self.pump(0.1)
-        ready = [a for a in wanted if a in self.ready_agents()]
-        if not ready:
-            raise RunError(f"none of the {len(wanted)} agent(s) chosen for round {version} was "
-                           f"ready within {self.join_timeout_s:.0f} s; see their logs under "
-                           "agents/")
-        if len(ready) < len(wanted):
-            log.warning("round %d: %d of %d chosen agents not in sync; going on without %s",
-                        version, len(wanted) - len(ready), len(wanted),
-                        ", ".join(sorted(set(wanted) - set(ready))))
-        return ready
+            raise RunError(f"no agent was ready for round {version} within "
+                           f"{self.join_timeout_s:.0f} s ({_first(c.skipped)}); see their logs "
+                           "under agents/")
+        if set(c.skipped) != self._left_out:  # said when it changes, not every round
+            self._left_out = set(c.skipped)
+            if c.skipped:
+                log.warning("round %d: %d agent(s) left out: %s", version, len(c.skipped),
+                            _first(c.skipped))
+            else:
+                log.info("round %d: every agent is back", version)
+        return chosen
 
     def start(self, starts: Sequence[Send]) -> None:
         self._send(starts)
@@ -201,7 +203,6 @@ class MqttFleet:
         if delta is not None:
             raise RunError("a round over MQTT carries commits only: a full weight update "
                            "would cost every agent the whole model")
-        self._previous, self._current = self._current, message.fingerprint
         self._send([broadcast])
         if self.coordinator.version % self.snapshot_every == 0:
             self.publish_snapshot()
@@ -210,6 +211,13 @@ class MqttFleet:
         for send in sends:
             self.transport.publish(send.topic, send.payload, qos=send.qos, retain=send.retain,
                                    wait=wait and send.qos > 0)
+
+
+def _first(skipped: dict[str, str], count: int = 5) -> str:
+    """A few of the agents left out and why, for a log line."""
+    shown = [f"{agent} ({why})" for agent, why in list(skipped.items())[:count]]
+    more = len(skipped) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def mqtt_rounds(transport: MqttTransport, model_dir: Path, run_id: str, run_seed: int,
