@@ -185,9 +185,8 @@ class Agents:
         if not isinstance(start, RoundStart) or start.agent_id != agent:
             return
         delay = self.rng.uniform(0, self.compute_ms) / 1e3
-        result = Result(agent, start.round, start.seeds,
-                        tuple(self.rng.gauss(0, 1) for _ in start.seeds), 100,
-                        start.fingerprint, 1.0, delay)
+        result = Result(agent, start.round, tuple(self.rng.gauss(0, 1) for _ in start.seeds),
+                        100, start.fingerprint, 1.0, delay)
         heapq.heappush(self.due, (time.monotonic() + delay, len(self.due), agent, encode(result)))
 
     def loop(self, conn) -> dict:

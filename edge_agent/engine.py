@@ -355,10 +355,9 @@ class ZoEngine:
                            time.perf_counter() - started, largest)
 
     def apply(self, commits: Sequence[CommitMessage]) -> str:
-        """Apply commits in order (``w <- w - c z(seed)`` per pair); the new fingerprint."""
+        """Apply commits in order (``w <- w - sum_j c_j z(seed_j)``); the new fingerprint."""
         for message in commits:
-            for seed, coefficient in message.commit.pairs:
-                self.weights.axpy(seed, -coefficient, self.spec)
+            self.weights.apply(message.commit, self.spec)
         return self.fingerprint()
 
     def fingerprint(self) -> str:

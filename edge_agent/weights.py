@@ -1,10 +1,11 @@
 """The agent's weights: held once, in the layout the forward pass reads, moved in place.
 
-Every change to the weights is ``w <- fl32(w + fl32(alpha * z(seed)))`` element by
-element (``protocols/directions.py``), whether it is a perturbation, its undo, a local
-step or a commit. Directions are generated in canonical (row-major) chunks and each chunk
-is mapped into the stored layout (:mod:`edge_agent.layout`); the arithmetic per element is
-the same, so the bits are the same as on any holder of canonical weights.
+A perturbation, its undo and a local step are ``w <- fl32(w + fl32(alpha * z(seed)))``
+element by element; a commit is ``w <- fl32(fl64(w) - T)`` with ``T`` its whole update
+summed in float64 (``protocols/directions.py``: ``CommitPlan``), one pass over the weights
+per chunk. Directions and updates are generated in canonical (row-major) chunks and each
+chunk is mapped into the stored layout (:mod:`edge_agent.layout`); the arithmetic per
+element is the same, so the bits are the same as on any holder of canonical weights.
 
 Float32 addition is not exactly reversible (``(w + d) - d`` can differ from ``w`` in the
 last bit), yet the agent must end every round on the orchestrator's exact bits. So
@@ -20,9 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from protocols.directions import DirectionSpec, scaled_chunks
+from protocols.directions import (
+    PAIRWISE,
+    CommitPlan,
+    DirectionSpec,
+    scaled_chunks,
+    subtract_rounded,
+)
 from protocols.manifest import Manifest
-from protocols.zo import fingerprint_chunks
+from protocols.zo import Commit, fingerprint_chunks
 
 from .layout import Layout
 
@@ -162,8 +169,22 @@ class Weights:
                 lo, hi = layout.span(start, delta.size)
                 yield index, lo, flat[lo:hi], layout.to_stored(delta)
 
+    def apply(self, commit: Commit, spec: DirectionSpec) -> None:
+        """A commit, in place: its update summed in float64 chunk by chunk and subtracted
+        with one rounding (``SUM64``), or pair by pair for an old journal's (``PAIRWISE``)."""
+        if commit.apply == PAIRWISE:
+            for seed, coefficient in commit.pairs:
+                self.axpy(seed, -coefficient, spec)
+            return
+        plan = CommitPlan(spec, commit.pairs)
+        for index, layout in enumerate(self.layouts):
+            flat = self.tensors[index].reshape(-1)
+            for start, total in plan.totals(layout.size, index, layout.chunk):
+                lo, hi = layout.span(start, total.size)
+                subtract_rounded(flat[lo:hi], layout.to_stored(total))
+
     def axpy(self, seed: int, alpha: float, spec: DirectionSpec) -> None:
-        """``w <- w + alpha z(seed)`` in place (a commit, or a local step)."""
+        """``w <- w + alpha z(seed)`` in place (a local step, or an old journal's pair)."""
         for _, _, part, delta in self._chunks(seed, alpha, spec):
             part += delta
 

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from protocols.errors import ZoError
-from protocols.messages import MAX_AGENTS_PER_ROUND, MAX_SEEDS_PER_AGENT
+from protocols.messages import MAX_AGENTS_PER_ROUND, MAX_POOL, MAX_SEEDS_PER_AGENT
 
 from .train.data import CIFAR10_URL, assign_resources
 from .train.settings import STRATEGIES, TrainerSettings
@@ -117,6 +117,7 @@ class ZoSection:
 
     rounds: int = 30
     directions: int = 1
+    direction_pool: int = 1024  # directions a round draws from, whatever its clients; 0: each
     eps: float = 1e-3
     lr: float = 1e-3
     local_steps: int = 1
@@ -346,6 +347,7 @@ RULES: dict[str, dict[str, _Rule]] = {
     "zo": {
         "rounds": _ints(0),
         "directions": _ints(1, MAX_SEEDS_PER_AGENT),
+        "direction_pool": _ints(0, MAX_POOL, extra=" (0 = distinct seeds for every client)"),
         "eps": _floats(0.0, 1e3),
         "lr": _floats(0.0),
         "local_steps": _ints(1, 10_000),
@@ -628,6 +630,11 @@ def _cross_checks(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: zo.directions x zo.local_steps = "
                           f"{zo.directions * zo.local_steps} seeds per client and round; "
                           f"allowed: at most {MAX_SEEDS_PER_AGENT}", "zo.directions")
+    if 0 < zo.direction_pool < zo.directions * zo.local_steps:
+        raise ConfigError(f"{where}: zo.direction_pool = {zo.direction_pool} cannot give each "
+                          f"client its {zo.directions * zo.local_steps} distinct seeds "
+                          "(zo.directions x zo.local_steps); allowed: 0 or at least that",
+                          "zo.direction_pool")
     if fleet.local_agents is not None and fleet.local_agents > data.clients:
         raise ConfigError(f"{where}: fleet.local_agents = {fleet.local_agents} exceeds "
                           f"data.clients = {data.clients}; allowed: 0 to {data.clients} "

@@ -162,9 +162,8 @@ class AgentSession:
     def computed(self, start: RoundStart, scalars: tuple[float, ...], samples: int,
                  loss: float, compute_s: float, queries: int = 0) -> list[Event]:
         self._busy = False
-        result = Result(self.agent_id, start.round, start.seeds,
-                        tuple(float(s) for s in scalars), samples, self.fingerprint,
-                        float(loss), float(compute_s), int(queries))
+        result = Result(self.agent_id, start.round, tuple(float(s) for s in scalars),
+                        samples, self.fingerprint, float(loss), float(compute_s), int(queries))
         return [self._send("result", result)] + self._resume()
 
     def skipped(self) -> list[Event]:

@@ -8,9 +8,12 @@ a ``ProtocolError``: payloads over the size limit, bad UTF-8 or JSON, NaN/Infini
 duplicate keys, deep nesting, an unknown version or type, and any field that the
 message's own ``from_wire`` rejects.
 
-Version 2 sent each round start to its participant alone and made the commit compact;
-version 1 (one round start listing every participant, commits as JSON pairs) is refused
-on the wire, and read only from journals (``journal.py``).
+Version 3 sums each commit in float64 and rounds once (its coefficients are float32, and
+it says how it is applied), draws a round's directions from a pool, and leaves out of a
+result the seeds the coordinator assigned. Version 2 (each round start to its participant
+alone, compact commits applied pair by pair) and version 1 (one round start listing every
+participant, commits as JSON pairs) are refused on the wire, and read only from journals
+(``journal.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from .errors import ProtocolError
 from .messages import MESSAGE_TYPES, Message
 from .validate import json_object
 
-WIRE_VERSION = 2
-MAX_MESSAGE_BYTES = 8 << 20  # ~780,000 pairs; a 1,000-agent round's commit is ~11 KB
+WIRE_VERSION = 3
+MAX_MESSAGE_BYTES = 8 << 20  # ~1.5 M pairs; a 1,000-agent round's commit is ~5.5 KB
 # Agents send small things, and a round start holds one agent's seeds: a large one is
 # refused before it is parsed.
 MAX_BYTES_BY_TYPE = {"hello": 16 << 10, "result": 64 << 10, "sync": 4 << 10,

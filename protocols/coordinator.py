@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 from . import topics
 from .codec import decode, encode
-from .compact import SeedSlots
-from .directions import DirectionSpec
+from .compact import MAX_POOL, SeedSlots
+from .directions import APPLY_RULES, SUM64, DirectionSpec
 from .errors import ProtocolError
 from .messages import (
     MAX_COMMITS_PER_SYNC,
@@ -58,7 +58,7 @@ from .messages import (
 )
 from .robust import MAX_SCALAR, Robustness, round_scale, scalar_bound, trimmed_keep
 from .topics import Send
-from .zo import ClientResult, Commit, aggregate, derive_seed
+from .zo import ClientResult, Commit, pool_pairs, slot_seeds, weigh
 
 _KIND = {"hello": Hello, "result": Result, "sync": SyncRequest, "status": Status}
 
@@ -75,6 +75,8 @@ class RoundPolicy:
     quorum: float = 1.0  # fraction of the round's participants whose results close it early
     deadline_s: float = 60.0
     robust: Robustness = field(default_factory=Robustness)
+    pool: int = 0  # directions a round draws from (slot t evaluates slot t mod pool); 0: each
+    apply: str = SUM64  # how commits are applied: the journal's rule (PAIRWISE: old formats)
     max_missed_rounds: int = 2  # rounds in a row without a result before an agent is offline
 
     def __post_init__(self) -> None:
@@ -88,6 +90,13 @@ class RoundPolicy:
                                 "bad_policy")
         if self.max_missed_rounds < 1:
             raise ProtocolError("round policy: max_missed_rounds must be >= 1", "bad_policy")
+        if self.pool and not self.directions * self.local_steps <= self.pool <= MAX_POOL:
+            raise ProtocolError(f"round policy: a direction pool holds each client's "
+                                f"{self.directions * self.local_steps} seeds and at most "
+                                f"{MAX_POOL}, not {self.pool}", "bad_policy")
+        if self.apply not in APPLY_RULES:
+            raise ProtocolError(f"round policy: unknown application {self.apply!r}",
+                                "bad_policy")
 
 
 @dataclass
@@ -117,12 +126,13 @@ class RoundPlan:
     deadline_s: float
     local_steps: int
     local_lr: float
+    pool: int = 0
 
     def start_for(self, agent_id: str) -> RoundStart:
         """The round start sent to ``agent_id`` (a participant)."""
         return RoundStart(self.round, self.fingerprint, self.eps, agent_id,
                           self.assignments[agent_id], self.deadline_s, self.local_steps,
-                          self.local_lr)
+                          self.local_lr, self.pool)
 
 
 @dataclass
@@ -163,6 +173,10 @@ class Coordinator:
         self._closing: Commit | None = None
         self._slots: SeedSlots | None = None  # where the closing commit's seeds come from
         self._message: CommitMessage | None = None  # the closing commit's, once made
+        # Catch-up: an agent more than ``replay_limit`` commits behind loads the snapshot
+        # of ``snapshot_version`` (the transport publishes it) rather than replaying them.
+        self.replay_limit: int | None = None
+        self.snapshot_version = -1
         self._base = (version, fingerprint)  # the state this coordinator started from
         self.skipped: dict[str, str] = {}  # left out of the latest draw, and why
         self._gone: set[str] = set()  # participants of the open round known offline
@@ -186,19 +200,21 @@ class Coordinator:
     def open_round(self, participants: Sequence[str], now: float) -> list[Send]:
         """Start round ``version`` for these agents: one ``RoundStart`` per participant, in
         participant order, each on the participant's inbox (at QoS 0: see ``Send``).
-        Participant ``i`` gets the seeds ``derive_seed(run_seed, version, i, j)``, so they
-        follow from the run seed alone."""
+        Participant ``i`` gets ``P`` seeds: seed ``j`` is the one of slot ``t = i * P + j``,
+        ``derive_seed(run_seed, version, t div P, t mod P)``, so they follow from the run seed
+        alone. With a direction pool of ``N``, slot ``t`` takes the seed of slot ``t mod N``:
+        the round has at most ``N`` directions, each evaluated by about ``K P / N`` clients."""
         if self.phase != "idle":
             raise RuntimeError(f"cannot open a round while {self.phase}")
         if not participants or len(set(participants)) != len(participants):
             raise ValueError("participants must be distinct and at least one")
-        per_agent = self.policy.directions * self.policy.local_steps
-        assignments = {agent: tuple(derive_seed(self.run_seed, self.version, i, j)
-                                    for j in range(per_agent))
+        per_agent, pool = self.policy.directions * self.policy.local_steps, self.policy.pool
+        seeds = slot_seeds(self.run_seed, self.version, per_agent, pool, len(participants))
+        assignments = {agent: seeds[i * per_agent:(i + 1) * per_agent]
                        for i, agent in enumerate(participants)}
         plan = RoundPlan(self.version, self.fingerprint, self.policy.eps, tuple(participants),
                          assignments, self.policy.deadline_s, self.policy.local_steps,
-                         self.policy.local_lr or self.policy.lr)
+                         self.policy.local_lr or self.policy.lr, pool)
         self._round = _OpenRound(plan, per_agent, now + self.policy.deadline_s)
         return [Send(topics.agent(self.run_id, agent, "inbox"), encode(plan.start_for(agent)),
                      qos=0) for agent in participants]
@@ -218,17 +234,20 @@ class Coordinator:
             raise RuntimeError("no round is open")
         plan = r.plan
         self._attend(plan.participants, r.results)
-        answered = [(i, r.results[a]) for i, a in enumerate(plan.participants) if a in r.results]
+        answered = [(a, r.results[a]) for a in plan.participants if a in r.results]
         scalars = [g for _, x in answered for g in x.scalars]
         scale = round_scale(scalars)
         bound = scalar_bound(self.policy.robust, self._scales, scale)
         keep = trimmed_keep(scalars, self.policy.robust.trim)
-        commit = aggregate(plan.round, [
-            ClientResult(x.seeds, x.scalars, x.samples, plan.local_steps) for _, x in answered
-        ], self.policy.lr, bound, keep)
+        per_slot = weigh([ClientResult(plan.assignments[a], x.scalars, x.samples,
+                                       plan.local_steps) for a, x in answered],
+                         self.policy.lr, bound, keep)
         kept = range(len(scalars)) if keep is None else sorted(keep)
-        slots = [i * r.per_client + j for i, x in answered for j in range(len(x.seeds))]
-        self._slots = SeedSlots(self.run_seed, r.per_client, tuple(slots[k] for k in kept))
+        slots = [i * r.per_client + j for i, x in enumerate(plan.participants)
+                 if x in r.results for j in range(r.per_client)]
+        pairs, pooled = pool_pairs(per_slot, [slots[k] for k in kept], plan.pool)
+        commit = Commit(plan.round, tuple(pairs), self.policy.apply)
+        self._slots = SeedSlots(self.run_seed, r.per_client, tuple(pooled), plan.pool)
         self.clipped += sum(abs(scalars[i]) > bound for i in kept)
         self.trimmed += len(scalars) - len(kept)
         self._round, self._closing, self.closing_scale = None, commit, scale
@@ -339,15 +358,19 @@ class Coordinator:
         return self._sync_reply(request.agent_id, request.version, request.fingerprint)
 
     def _sync_reply(self, agent_id: str, version: int, fingerprint: str) -> list[Send]:
-        """Commits from ``version`` on; a snapshot when they are gone or the agent diverged."""
+        """Commits from ``version`` on; a snapshot when they are gone, when the agent
+        diverged, or when it is further behind than ``replay_limit`` and a newer snapshot
+        is out (so that catching up costs at most that many commits)."""
         if version == self.version and fingerprint == self.fingerprint:
             return []
         kept = {m.commit.round: m for m in self._history}
         expected = (self.fingerprint if version == self.version
                     else kept[version - 1].fingerprint if version - 1 in kept else None)
         missing = range(version, self.version)
+        far = (self.replay_limit is not None and len(missing) > self.replay_limit
+               and self.snapshot_version > version)
         if (version < 0 or version > self.version or expected not in (None, fingerprint)
-                or any(r not in kept for r in missing)):
+                or any(r not in kept for r in missing) or far):
             reply = SyncReply(agent_id, (), snapshot=True)
         else:
             reply = SyncReply(agent_id, tuple(kept[r] for r in missing))
@@ -373,8 +396,9 @@ class Coordinator:
         if agent in r.results:
             return self._refuse(agent, "duplicate", f"second result from {agent} for round "
                                 f"{result.round}", result.round)
-        if result.seeds != r.plan.assignments[agent]:
-            return self._refuse(agent, "bad_seed", "result seeds differ from the assigned ones",
+        if len(result.scalars) != len(r.plan.assignments[agent]):
+            return self._refuse(agent, "bad_scalars", f"{len(result.scalars)} scalars for the "
+                                f"{len(r.plan.assignments[agent])} seeds assigned",
                                 result.round)
         if any(abs(g) > MAX_SCALAR for g in result.scalars):
             return self._refuse(agent, "absurd_scalar", f"{agent} sent a scalar beyond "

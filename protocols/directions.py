@@ -15,8 +15,13 @@ vectors (``vectors.json``), not "whatever numpy does today":
 * Gaussian: parameters ``2k`` and ``2k+1`` take words ``2k`` and ``2k+1`` (block ``j``
   feeds parameters ``4j .. 4j+3``) through Box–Muller, computed with the float64 basic
   operations only (``_ln``, ``_sincos_turn``), so that no platform's libm changes a bit.
-* Applying: ``w <- fl32(w + fl32(fl32(alpha) * z))`` element by element, where ``z`` is
-  the float32 direction value. Commits, perturbations and their undo all use it.
+* Perturbing: ``w <- fl32(w + fl32(fl32(alpha) * z))`` element by element, where ``z`` is
+  the float32 direction value. Perturbations and their undo use it, and so did commits
+  before the summed rule (``PAIRWISE``: journals of formats 1 and 2 replay with it).
+* Committing (``SUM64``): every element's ``sum_j fl32(c_j) * z_j`` is accumulated in
+  float64 (each term an exact product of two float32 values, so a fused multiply-add
+  changes nothing), in groups of ``GROUP`` pairs in the commit's order, and subtracted from
+  the weight with one rounding: ``w <- fl32(fl64(w) - T)``. See :class:`CommitPlan`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ RADEMACHER = "rademacher"
 GAUSSIAN = "gaussian"
 CATEGORICAL = "categorical"  # discrete prompts: policy-gradient draws (protocols/prompts.py)
 DISTRIBUTIONS = (RADEMACHER, GAUSSIAN, CATEGORICAL)
+
+SUM64 = "sum64"  # a commit's update summed in float64 per element, rounded once (wire 3)
+PAIRWISE = "pairwise"  # pair by pair in float32 (journals of formats 1 and 2)
+APPLY_RULES = (SUM64, PAIRWISE)
+GROUP = 8  # pairs summed per group: a Rademacher group's signs form one byte per element
 
 # Parameters generated per step. A multiple of 256 (one Philox block of Rademacher signs),
 # small enough to stay in cache, big enough that numpy's per-call overhead vanishes.
@@ -83,6 +93,16 @@ def _stream(seed: int, tensor_index: int, first_block: int) -> np.random.Philox:
     key = np.array([check_seed(seed), tensor_index], dtype=np.uint64)
     counter = np.array([first_block, 0, 0, 0], dtype=np.uint64)
     return np.random.Philox(key=key, counter=counter)
+
+
+def _restart(generator: np.random.Philox, seed: int, tensor_index: int) -> np.random.Philox:
+    """``generator`` as ``_stream(seed, tensor_index, 0)`` makes it, without building one."""
+    generator.state = {"bit_generator": "Philox",
+                       "state": {"counter": np.zeros(4, dtype=np.uint64),
+                                 "key": np.array([seed, tensor_index], dtype=np.uint64)},
+                       "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4,
+                       "has_uint32": 0, "uinteger": 0}
+    return generator
 
 
 def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, count: int
@@ -144,6 +164,125 @@ def flat_view(tensor: np.ndarray) -> np.ndarray:
     if tensor.dtype != np.float32 or not tensor.flags.c_contiguous or not tensor.flags.writeable:
         raise ValueError("weights must be writable, C-contiguous float32 arrays")
     return tensor.reshape(-1)
+
+
+# --- a commit's update, summed in float64 (the SUM64 rule) ---------------------------------
+
+
+class CommitPlan:
+    """One commit's per-element update ``T = sum_j fl32(c_j) z_j``, chunk by chunk.
+
+    The spec (``docs/protocol.md``, "Applying a commit"): term ``j`` of element ``p`` is
+    ``t_j = fl32(c_j) * z_j[p]``, exact in float64 (two float32 factors). The pairs are
+    taken in groups of ``GROUP`` in the commit's order; a group's sum is
+    ``G = t_0 + t_1 + ...`` and the total ``T = G_0 + G_1 + ...``, both left to right in
+    float64 from their first term. The weight becomes ``fl32(fl64(w) - T)``: one rounding
+    of the round's whole step, so a step far below half an ulp of ``w`` still moves it.
+
+    Rademacher terms are ``+d_j`` or ``-d_j`` (``d_j = fl32(c_j) * fl32(scale)``), so a
+    group of 8 has 256 possible sums, computed once per commit; per element, the group's
+    8 sign bits (one byte, bit ``k`` for its pair ``k``) pick one. Work per element is a
+    table look-up per 8 pairs plus the bits' generation, and the weights are read and
+    written once per chunk, not once per pair.
+    """
+
+    def __init__(self, spec: DirectionSpec, pairs: Sequence[tuple[int, float]]) -> None:
+        _no_categorical(spec)
+        self.spec = spec
+        self.seeds = [check_seed(s) for s, _ in pairs]
+        # one generator per pair, re-keyed per tensor: cheaper than a new one each time
+        self._streams = [np.random.Philox(0) for _ in self.seeds]
+        self.steps = np.array([c for _, c in pairs], dtype=np.float32).astype(np.float64)
+        if spec.distribution == RADEMACHER:
+            d = self.steps * float(np.float32(spec.scale))  # exact: two float32 factors
+            self.tables = [_group_sums(d[g:g + GROUP]) for g in range(0, d.size, GROUP)]
+
+    def totals(self, size: int, tensor_index: int, chunk: int = CHUNK
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, T[start:start+n])`` in float64 over one tensor of ``size`` elements;
+        nothing for a commit without pairs. Every pair's stream is drawn once, in order."""
+        if chunk % _BLOCK_PARAMS:
+            raise ValueError(f"chunk must be a multiple of {_BLOCK_PARAMS}, got {chunk}")
+        if not self.seeds:
+            return
+        streams = [_restart(bg, seed, tensor_index) for bg, seed in zip(self._streams, self.seeds)]
+        for start in range(0, size, chunk):
+            n = min(chunk, size - start)
+            if self.spec.distribution == RADEMACHER:
+                yield start, self._rademacher(streams, n)
+            else:
+                yield start, self._gaussian(streams, n)
+
+    def _rademacher(self, streams: list[np.random.Philox], n: int) -> np.ndarray:
+        words = -(-n // 64)
+        rows = np.zeros((GROUP, words), dtype="<u8")
+        total = None
+        for g, table in enumerate(self.tables):
+            group = streams[g * GROUP:(g + 1) * GROUP]
+            for k, stream in enumerate(group):
+                rows[k] = stream.random_raw(words)
+            rows[len(group):] = 0
+            signs = _transpose_bytes(rows)[:n].astype(np.intp)
+            sums = table.take(signs)
+            total = sums if total is None else np.add(total, sums, out=total)
+        return total
+
+    def _gaussian(self, streams: list[np.random.Philox], n: int) -> np.ndarray:
+        total = None
+        for g in range(0, len(streams), GROUP):
+            group = None
+            for stream, step in zip(streams[g:g + GROUP], self.steps[g:g + GROUP]):
+                z = _box_muller(stream.random_raw(n + (n & 1)), self.spec.scale)[:n]
+                term = z.astype(np.float64) * step
+                group = term if group is None else np.add(group, term, out=group)
+            total = group if total is None else np.add(total, group, out=total)
+        return total
+
+
+def subtract_rounded(part: np.ndarray, total: np.ndarray) -> None:
+    """In place: ``part <- fl32(fl64(part) - total)``, the one rounding of a commit."""
+    part[...] = (part.astype(np.float64) - total).astype(np.float32)
+
+
+def apply_summed(weights: Sequence[np.ndarray], spec: DirectionSpec,
+                 pairs: Sequence[tuple[int, float]]) -> None:
+    """In place over canonical tensors: ``w <- fl32(fl64(w) - sum_j fl32(c_j) z_j)``."""
+    plan = CommitPlan(spec, pairs)
+    for index, tensor in enumerate(weights):
+        flat = flat_view(tensor)
+        for start, total in plan.totals(flat.size, index):
+            subtract_rounded(flat[start:start + total.size], total)
+
+
+def _group_sums(d: np.ndarray) -> np.ndarray:
+    """The 256 sums of a group: entry ``b`` is ``(+-d_0) + (+-d_1) + ...`` left to right,
+    ``+d_k`` where bit ``k`` of ``b`` is 1. Bits past the group's pairs are always 0."""
+    bits = (np.arange(256)[:, None] >> np.arange(d.size)) & 1
+    total = np.where(bits[:, 0] == 1, d[0], -d[0])
+    for k in range(1, d.size):
+        total = total + np.where(bits[:, k] == 1, d[k], -d[k])
+    return total
+
+
+_MASKS = [(np.uint64(7), np.uint64(0x00AA00AA00AA00AA)),
+          (np.uint64(14), np.uint64(0x0000CCCC0000CCCC)),
+          (np.uint64(28), np.uint64(0x00000000F0F0F0F0))]
+
+
+def _transpose_bytes(rows: np.ndarray) -> np.ndarray:
+    """Per element, one byte of ``GROUP`` sign bits: bit ``k`` from row ``k``.
+
+    ``rows[k]`` holds pair ``k``'s words (element ``p``: bit ``p % 64`` of word ``p // 64``).
+    Interleaving the rows' bytes puts, for 8 consecutive elements, the 8 pairs' bytes in
+    one 64-bit word: an 8x8 bit matrix whose transpose (three swap steps) holds the
+    elements' bytes.
+    """
+    x = np.ascontiguousarray(rows.view(np.uint8).T).view("<u8").reshape(-1)
+    for shift, mask in _MASKS:
+        t = np.bitwise_and(np.bitwise_xor(x, x >> shift), mask)
+        x ^= t
+        x ^= t << shift
+    return x.view(np.uint8)
 
 
 # --- Rademacher ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Exported weights + the journal's commits, replayed in order, give the model of any
 round. Format (``docs/protocol.md``, "Journal")::
 
-    b"ZOWJOURNAL2\\n"
+    b"ZOWJOURNAL3\\n"
     then records: uint32 LE length | uint32 LE CRC-32 of the payload | payload (UTF-8 JSON)
 
 The first record is the header (``{"type": "header", ...}``); commit records hold a
@@ -15,10 +15,13 @@ last record, which reading detects (short frame or bad CRC at the end of the fil
 drops; damage anywhere else is an error, because silently skipping a commit would change
 every later bit.
 
-The magic names the format of the commit records: format 2 holds wire version 2's
-compact commits (seeds by slot, coefficients as float64 bytes); format 1
-(``ZOWJOURNAL1``) holds wire version 1's ``pairs`` lists. Both are read; a journal is
-appended to in its own format, so a resumed old run stays one readable format.
+The magic names the format of the commit records, and with it how they are applied:
+format 3 holds wire version 3's commits (float32 coefficients, summed per element in
+float64 and rounded once: ``SUM64``); format 2 (``ZOWJOURNAL2``) wire version 2's compact
+commits and format 1 (``ZOWJOURNAL1``) wire version 1's ``pairs`` lists, both applied pair
+by pair in float32 (``PAIRWISE``), as the build that wrote them applied them. All three
+are read and replay to the bits their runs had; a journal is appended to in its own format
+and rule (``Journal.apply``), so a resumed old run goes on as it ran.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compact import legacy_commit_to_wire
+from .directions import PAIRWISE, SUM64
 from .errors import JournalError, ProtocolError
 from .messages import CommitMessage
 
-MAGIC = b"ZOWJOURNAL2\n"  # the format written
-MAGICS = {b"ZOWJOURNAL1\n": 1, MAGIC: 2}  # the formats read (all of one length)
+MAGIC = b"ZOWJOURNAL3\n"  # the format written
+MAGICS = {b"ZOWJOURNAL1\n": 1, b"ZOWJOURNAL2\n": 2, MAGIC: 3}  # read (all of one length)
 FORMAT = MAGICS[MAGIC]
+APPLY_BY_FORMAT = {1: PAIRWISE, 2: PAIRWISE, 3: SUM64}  # how each format's commits apply
 _FRAME = struct.Struct("<II")
 MAX_RECORD_BYTES = 64 << 20
 
@@ -47,17 +51,16 @@ class JournalContents:
     records: list[dict] = field(default_factory=list)
     torn_bytes: int = 0  # bytes of a torn last record that reading dropped
     valid_bytes: int = 0  # where the last good record ends
-    format: int = FORMAT  # 1: commit records as wire version 1; 2: compact (version 2)
+    format: int = FORMAT  # its commit records' wire version (1, 2 or 3)
 
     @property
     def commits(self) -> list[CommitMessage]:
-        read = CommitMessage.from_wire if self.format >= 2 else CommitMessage.from_legacy_wire
         out = []
         for record in self.records:
             if record.get("type") == "commit":
                 body = {k: v for k, v in record.items() if k not in ("type", "scale")}
                 try:
-                    out.append(read(body))
+                    out.append(CommitMessage.from_wire(body, self.format))
                 except ProtocolError as exc:
                     raise JournalError(f"journal commit record is invalid: {exc}") from exc
         return out
@@ -159,6 +162,11 @@ class Journal:
         return cls(path, read_journal(path))
 
     @property
+    def apply(self) -> str:
+        """How this journal's commits are applied, those still to come included."""
+        return APPLY_BY_FORMAT[self.format]
+
+    @property
     def version(self) -> int:
         """State version after the last commit (the base version with none)."""
         return self.commits[-1].commit.round + 1 if self.commits else self.header["base_version"]
@@ -167,8 +175,11 @@ class Journal:
         if message.commit.round != self.version:
             raise JournalError(f"commit for round {message.commit.round} cannot follow version "
                                f"{self.version}")
+        if message.commit.apply != self.apply:
+            raise JournalError(f"a {message.commit.apply} commit cannot join a journal of "
+                               f"format {self.format}, whose commits are {self.apply}")
         extra = {} if scale is None else {"scale": scale}
-        self.append({"type": "commit", **_commit_fields(message, self.format), **extra})
+        self.append({"type": "commit", **message.to_wire(self.format), **extra})
         self.commits.append(message)
         if scale is not None:
             self.scales[message.commit.round] = scale
@@ -208,13 +219,6 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _commit_fields(message: CommitMessage, version: int) -> dict:
-    """A commit's record fields in the journal's own format."""
-    if version >= 2:
-        return message.to_wire()
-    return {**legacy_commit_to_wire(message.commit), "fingerprint": message.fingerprint}
 
 
 def _frame(record: dict) -> bytes:

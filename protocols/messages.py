@@ -17,11 +17,13 @@ from typing import ClassVar
 from . import compact
 from . import validate as v
 from .compact import (
+    MAX_POOL,
     MAX_SEEDS_PER_AGENT,
     SeedSlots,
     commit_from_wire,
     commit_to_wire,
     legacy_commit_from_wire,
+    legacy_commit_to_wire,
 )
 from .directions import DirectionSpec
 from .errors import ProtocolError
@@ -152,18 +154,19 @@ class RoundStart:
     deadline_s: float = 60.0
     local_steps: int = 1  # >1: FedKSeed-style local steps, each on its own seeds
     local_lr: float = 0.0
+    pool: int = 0  # the round's direction pool (its seeds are among the pool's); 0: distinct
 
     def to_wire(self) -> dict:
         return {"round": self.round, "fingerprint": self.fingerprint, "eps": self.eps,
                 "agent_id": self.agent_id, "seeds": list(self.seeds),
                 "deadline_s": self.deadline_s, "local_steps": self.local_steps,
-                "local_lr": self.local_lr}
+                "local_lr": self.local_lr, "pool": self.pool}
 
     @classmethod
     def from_wire(cls, d: dict) -> RoundStart:
         w = "round"
         v.no_extra(d, {"round", "fingerprint", "eps", "agent_id", "seeds", "deadline_s",
-                       "local_steps", "local_lr"}, w)
+                       "local_steps", "local_lr", "pool"}, w)
         seeds = _seeds(v.sequence(d, "seeds", w, MAX_SEEDS_PER_AGENT), w)
         steps = v.integer(d, "local_steps", w, 1, 10_000)
         if not seeds or len(seeds) % steps:
@@ -172,7 +175,7 @@ class RoundStart:
         return cls(v.integer(d, "round", w, 0, _ROUND_MAX), v.hexdigest(d, "fingerprint", w, _FP),
                    v.number(d, "eps", w, 1e-12, 1e3), v.identifier(d, "agent_id", w), seeds,
                    v.number(d, "deadline_s", w, 0.001, 7 * 86400.0), steps,
-                   v.number(d, "local_lr", w, 0.0, 1e6))
+                   v.number(d, "local_lr", w, 0.0, 1e6), v.integer(d, "pool", w, 0, MAX_POOL))
 
 
 MAX_LOSS = 1e30  # the bound every float on the wire has
@@ -189,12 +192,13 @@ def sendable(loss: float, scalars: tuple[float, ...] | list[float]) -> bool:
 
 @dataclass(frozen=True)
 class Result:
-    """Agent -> orchestrator: one projected gradient per seed, on state ``fingerprint``."""
+    """Agent -> orchestrator: one projected gradient per seed of its round start, in that
+    order, on state ``fingerprint``. The seeds are not sent back: the coordinator assigned
+    them, and it knows them."""
 
     type: ClassVar[str] = "result"
     agent_id: str
     round: int
-    seeds: tuple[int, ...]
     scalars: tuple[float, ...]
     samples: int
     fingerprint: str
@@ -203,28 +207,28 @@ class Result:
     queries: int = 0  # black-box API calls the round cost (prompt tuning); 0 for plain ZO
 
     def to_wire(self) -> dict:
-        wire = {"agent_id": self.agent_id, "round": self.round, "seeds": list(self.seeds),
-                "scalars": list(self.scalars), "samples": self.samples,
-                "fingerprint": self.fingerprint, "loss": self.loss, "compute_s": self.compute_s}
+        wire = {"agent_id": self.agent_id, "round": self.round, "scalars": list(self.scalars),
+                "samples": self.samples, "fingerprint": self.fingerprint, "loss": self.loss,
+                "compute_s": self.compute_s}
         return {**wire, "queries": self.queries} if self.queries else wire
 
     @classmethod
     def from_wire(cls, d: dict) -> Result:
         w = "result"
-        v.no_extra(d, {"agent_id", "round", "seeds", "scalars", "samples", "fingerprint",
-                       "loss", "compute_s", "queries"}, w)
-        seeds = _seeds(v.sequence(d, "seeds", w, MAX_SEEDS_PER_AGENT), w)
-        scalars = tuple(v.finite(x, f"{w}: scalar")
-                        for x in v.sequence(d, "scalars", w, MAX_SEEDS_PER_AGENT))
-        if len(scalars) != len(seeds) or not seeds:
-            raise ProtocolError(f"{w}: {len(scalars)} scalars for {len(seeds)} seeds",
-                                "bad_scalars")
+        v.no_extra(d, _RESULT_FIELDS, w)
+        scalars = v.sequence(d, "scalars", w, MAX_SEEDS_PER_AGENT)
+        if not scalars:
+            raise ProtocolError(f"{w}: no scalars", "bad_scalars")
         return cls(v.identifier(d, "agent_id", w), v.integer(d, "round", w, 0, _ROUND_MAX),
-                   seeds, scalars, v.integer(d, "samples", w, 1, 1 << 40),
+                   v.finites(scalars, f"{w}: scalar"), v.integer(d, "samples", w, 1, 1 << 40),
                    v.hexdigest(d, "fingerprint", w, _FP),
                    v.number(d, "loss", w, -MAX_LOSS, MAX_LOSS),
                    v.number(d, "compute_s", w, 0.0, 1e9),
                    v.integer(d, "queries", w, 0, 1 << 40) if "queries" in d else 0)
+
+
+_RESULT_FIELDS = frozenset({"agent_id", "round", "scalars", "samples", "fingerprint", "loss",
+                            "compute_s", "queries"})
 
 
 @dataclass(frozen=True)
@@ -246,22 +250,23 @@ class CommitMessage:
             raise ProtocolError(f"commit {self.commit.round}: its seeds do not follow from "
                                 "its slots", "bad_seed")
 
-    def to_wire(self) -> dict:
-        return {**commit_to_wire(self.commit, self.slots), "fingerprint": self.fingerprint}
+    def to_wire(self, version: int = 3) -> dict:
+        """Wire version 3's fields (version 2 or 1: a journal of that format's record)."""
+        if version == 1:
+            return {**legacy_commit_to_wire(self.commit), "fingerprint": self.fingerprint}
+        return {**commit_to_wire(self.commit, self.slots, version),
+                "fingerprint": self.fingerprint}
 
     @classmethod
-    def from_wire(cls, d: dict) -> CommitMessage:
+    def from_wire(cls, d: dict, version: int = 3) -> CommitMessage:
+        """A commit of wire version 3, or of an older one found in a journal: version 2
+        (compact, float64) or 1 (``pairs`` as JSON pairs); both are applied pair by pair."""
         fp = v.hexdigest(d, "fingerprint", "commit", _FP)
-        commit, slots = commit_from_wire({k: x for k, x in d.items() if k != "fingerprint"},
-                                         "commit")
+        body = {k: x for k, x in d.items() if k != "fingerprint"}
+        if version == 1:
+            return cls(legacy_commit_from_wire(body, "commit"), fp)
+        commit, slots = commit_from_wire(body, "commit", version)
         return cls(commit, fp, slots)
-
-    @classmethod
-    def from_legacy_wire(cls, d: dict) -> CommitMessage:
-        """A commit in wire version 1's form (``pairs`` as JSON pairs): old journals."""
-        fp = v.hexdigest(d, "fingerprint", "commit", _FP)
-        return cls(legacy_commit_from_wire({k: x for k, x in d.items() if k != "fingerprint"},
-                                           "commit"), fp)
 
 
 @dataclass(frozen=True)

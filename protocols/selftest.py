@@ -13,8 +13,8 @@ from importlib import resources
 
 import numpy as np
 
-from .directions import DirectionSpec, direction, raw_words, reference_block
-from .zo import Commit, apply_commit, derive_seed, fingerprint, replay
+from .directions import PAIRWISE, DirectionSpec, direction, raw_words, reference_block
+from .zo import Commit, apply_commit, derive_seed, fingerprint, replay, slot_seeds
 
 
 def load_vectors() -> dict:
@@ -57,6 +57,11 @@ def run_selftest(vectors: dict | None = None) -> list[str]:
                             f"{head[:4]}..., want {case['head'][:4]}...")
     for case in vectors["apply"]:
         problems += _check_apply(case)
+    for case in vectors.get("slot_seeds", []):
+        got = slot_seeds(case["run_seed"], case["round"], case["per_client"], case["pool"],
+                         case["clients"])
+        if [f"{s:016x}" for s in got] != case["seeds"]:
+            problems.append(f"slot_seeds with pool {case['pool']} gives other seeds")
     for case in vectors["derive_seed"]:
         got = derive_seed(case["run_seed"], case["round"], case["client"], case["direction"])
         if got != int(case["seed"], 16):
@@ -66,8 +71,10 @@ def run_selftest(vectors: dict | None = None) -> list[str]:
 
 
 def _check_apply(case: dict) -> list[str]:
+    """A chain of commits by the case's rule (``pairwise``: the cases of spec version 1)."""
     spec = DirectionSpec(case["distribution"], case["scale"])
-    commits = [Commit(c["round"], tuple((int(s, 16), x) for s, x in c["pairs"]))
+    rule = case.get("apply", PAIRWISE)
+    commits = [Commit(c["round"], tuple((int(s, 16), x) for s, x in c["pairs"]), rule)
                for c in case["commits"]]
     weights = vector_weights(case["shapes"])
     problems = []
@@ -76,7 +83,8 @@ def _check_apply(case: dict) -> list[str]:
     for commit, want in zip(commits, case["fingerprints_after"]):
         apply_commit(weights, commit, spec)
         if fingerprint(weights) != want:
-            problems.append(f"{spec.distribution}: weights after commit {commit.round} have "
+            problems.append(f"{spec.distribution} ({rule}): weights after commit "
+                            f"{commit.round} have "
                             f"fingerprint {fingerprint(weights)}, want {want}")
             break
     replayed = vector_weights(case["shapes"])

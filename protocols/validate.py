@@ -80,6 +80,14 @@ def finite(value: Any, what: str, lo: float = -1e30, hi: float = 1e30) -> float:
     return value
 
 
+def finites(values: list, what: str, lo: float = -1e30, hi: float = 1e30) -> tuple[float, ...]:
+    """Every item of ``values`` as :func:`finite` reads one (a tuple of floats)."""
+    # the common case in one pass; NaN compares false, so it takes the checks below
+    if all(type(x) is float and lo <= x <= hi for x in values):
+        return tuple(values)
+    return tuple(finite(x, what, lo, hi) for x in values)
+
+
 def text(data: dict, key: str, where: str, max_len: int = 256) -> str:
     value = _get(data, key, where)
     if not isinstance(value, str):

@@ -3,9 +3,14 @@
 * ``projected_gradient`` turns two losses into the SPSA scalar ``g = (L+ - L-) / 2eps``.
 * ``aggregate`` turns the scalars of a round into a ``Commit``: ``(seed, coefficient)``
   pairs whose coefficients are weighted by each client's sample count.
-* ``apply_commit`` updates weights in place, ``w <- w - c * z(seed)`` pair by pair,
-  regenerating every ``z`` from its seed; ``replay`` is the same function in a loop, so
-  replaying a journal and following the rounds live give the same bits by construction.
+* ``apply_commit`` updates weights in place, ``w <- w - sum_j c_j z(seed_j)``, regenerating
+  every ``z`` from its seed: summed in float64 and rounded once (``SUM64``), or pair by pair
+  in float32 for commits of old journals (``PAIRWISE``); ``replay`` is the same function in
+  a loop, so replaying a journal and following the rounds live give the same bits by
+  construction.
+* ``pool_pairs`` folds a round's pairs onto its direction pool: with ``zo.direction_pool =
+  N``, slot ``t`` evaluates the direction of slot ``t mod N``, and each direction's
+  coefficient is the sum of the coefficients of every slot that evaluated it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .directions import DirectionSpec, axpy, check_seed
+from .directions import (
+    APPLY_RULES,
+    PAIRWISE,
+    SUM64,
+    DirectionSpec,
+    apply_summed,
+    axpy,
+    check_seed,
+)
 from .errors import ProtocolError
 from .prompts import apply_policy_commit
 
@@ -34,15 +47,26 @@ class Commit:
 
     round: int
     pairs: tuple[tuple[int, float], ...]
+    apply: str = SUM64  # how the pairs are applied; PAIRWISE: commits of old journals
 
     def __post_init__(self) -> None:
         if self.round < 0:
             raise ProtocolError(f"commit round must be >= 0, got {self.round}", "bad_round")
+        if self.apply not in APPLY_RULES:
+            raise ProtocolError(f"unknown commit application {self.apply!r}", "bad_apply")
         for seed, coefficient in self.pairs:
             check_seed(seed)
             if not math.isfinite(coefficient):
                 raise ProtocolError(f"commit coefficient {coefficient!r} is not finite",
                                     "non_finite")
+        if self.apply == SUM64:  # only fl32(c) is ever applied: the commit holds just that
+            with np.errstate(over="ignore"):
+                rounded = np.array([c for _, c in self.pairs], dtype=np.float32)
+            if not np.isfinite(rounded).all():
+                raise ProtocolError("a commit coefficient is beyond float32's range",
+                                    "out_of_range")
+            object.__setattr__(self, "pairs", tuple(
+                (seed, c) for (seed, _), c in zip(self.pairs, rounded.tolist())))
 
 
 @dataclass(frozen=True)
@@ -57,7 +81,14 @@ class ClientResult:
 
 def aggregate(round_id: int, results: Iterable[ClientResult], lr: float,
               bound: float = math.inf, keep: set[int] | None = None) -> Commit:
-    """FedAvg of SPSA steps: ``c = lr * (n_i / sum n) * g_ij / s`` for each direction.
+    """The commit of :func:`weigh`'s pairs (whose coefficients it rounds to float32)."""
+    return Commit(round_id, tuple(weigh(results, lr, bound, keep)))
+
+
+def weigh(results: Iterable[ClientResult], lr: float, bound: float = math.inf,
+          keep: set[int] | None = None) -> list[tuple[int, float]]:
+    """FedAvg of SPSA steps: ``c = lr * (n_i / sum n) * g_ij / s`` for each direction, in
+    float64 (a pool folds them before the commit rounds them).
 
     The ``s`` directions of one step are averaged (MeZO's n), and clients are weighted by
     their share of the round's samples, as FedAvg weights models. With several local
@@ -81,20 +112,38 @@ def aggregate(round_id: int, results: Iterable[ClientResult], lr: float,
         kept = [x for i, x in enumerate(weighted) if i in keep]
         up = full / sum(w for _, w, _ in kept) if kept else 0.0
         weighted = [(seed, w * up, g) for seed, w, g in kept]
-    return Commit(round_id, tuple((seed, w * min(max(g, -bound), bound))
-                                  for seed, w, g in weighted))
+    return [(seed, w * min(max(g, -bound), bound)) for seed, w, g in weighted]
+
+
+def pool_pairs(pairs: Sequence[tuple[int, float]], slots: Sequence[int], pool: int
+               ) -> tuple[list[tuple[int, float]], list[int]]:
+    """A round's pairs, one per slot, folded onto the pool: slot ``t`` evaluated the
+    direction of slot ``t mod pool``, whose coefficient is the sum, in float64 and slot
+    order from the first, of its slots' coefficients. Returns the pairs and their pool
+    slots, ascending. With ``pool == 0`` (distinct seeds) nothing changes."""
+    if not pool:
+        return list(pairs), list(slots)
+    folded: dict[int, tuple[int, float]] = {}
+    for (seed, c), t in zip(pairs, slots):
+        k = t % pool
+        folded[k] = (seed, folded[k][1] + c) if k in folded else (seed, c)
+    order = sorted(folded)
+    return [folded[k] for k in order], order
 
 
 def apply_commit(weights: Sequence[np.ndarray], commit: Commit, spec: DirectionSpec) -> None:
-    """In place: ``w <- w - c * z(seed)`` for each pair, in the commit's order.
+    """In place: ``w <- w - sum_j c_j z(seed_j)`` by the commit's rule (``SUM64``: summed
+    per element in float64 and rounded once; ``PAIRWISE``: pair by pair in float32).
 
     Discrete prompts (``categorical``) regenerate each pair's policy-gradient draw instead.
     """
     if spec.distribution == "categorical":
         apply_policy_commit(weights, commit)
-        return
-    for seed, coefficient in commit.pairs:
-        axpy(weights, -coefficient, spec, seed)
+    elif commit.apply == PAIRWISE:
+        for seed, coefficient in commit.pairs:
+            axpy(weights, -coefficient, spec, seed)
+    else:
+        apply_summed(weights, spec, commit.pairs)
 
 
 def replay(weights: Sequence[np.ndarray], commits: Iterable[Commit], spec: DirectionSpec,
@@ -144,6 +193,17 @@ def weights_sha256(weights: Sequence[np.ndarray]) -> str:
     for tensor in weights:
         h.update(np.ascontiguousarray(tensor, dtype="<f4").data)
     return h.hexdigest()
+
+
+def slot_seeds(run_seed: int, round_id: int, per_client: int, pool: int, clients: int
+               ) -> tuple[int, ...]:
+    """The seeds of a round's slots ``0 .. clients * per_client - 1``, participant by
+    participant: slot ``t`` is direction ``t mod P`` of participant ``t div P``, and with a
+    pool, slot ``t`` takes the seed of slot ``t mod pool`` (only the pool's are derived)."""
+    count = clients * per_client
+    base = [derive_seed(run_seed, round_id, t // per_client, t % per_client)
+            for t in range(min(count, pool) if pool else count)]
+    return tuple(base[t % pool] for t in range(count)) if pool else tuple(base)
 
 
 def derive_seed(run_seed: int, round_id: int, client: int, direction: int) -> int:

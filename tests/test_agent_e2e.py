@@ -107,7 +107,7 @@ def test_agents_hold_the_coordinators_bits_after_every_round(fleet):
         assert len(loop.finish_round().pairs) == 6
     # the journal holds compact commits (seeds by slot) and replays to the same bits
     contents = read_journal(tmp_path / "journal")
-    assert contents.format == 2 and all(m.slots is not None for m in contents.commits)
+    assert contents.format == 3 and all(m.slots is not None for m in contents.commits)
     weights = read_weights(loop.state.model_dir, load_manifest(loop.state.model_dir))[1]
     replay(weights, [m.commit for m in contents.commits], loop.state.spec)
     assert fingerprint(weights) == fingerprint(loop.weights)

@@ -29,7 +29,7 @@ from protocols.messages import (
     SyncReply,
     SyncRequest,
 )
-from protocols.zo import Commit
+from protocols.zo import Commit, derive_seed
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 seeds = st.integers(0, 2**64 - 1)
@@ -38,8 +38,9 @@ fp = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
 sha = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
 caps = st.builds(Capabilities, st.integers(0, 1 << 20), st.integers(1, 64),
                  st.integers(0, 10**6), st.text(max_size=20), st.text(max_size=10))
-# every float64 a coefficient may be: subnormals, -0.0 and the extremes included
-coefficients = st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False)
+# every float64 a coefficient may be: subnormals, -0.0 and the extremes included (a
+# commit holds, and sends, their float32 rounding: all that applying one uses)
+coefficients = st.floats(-1e29, 1e29, allow_nan=False, allow_infinity=False)
 commit = st.builds(Commit, st.integers(0, 10**6),
                    st.lists(st.tuples(seeds, coefficients), max_size=5).map(tuple))
 
@@ -48,8 +49,9 @@ commit = st.builds(Commit, st.integers(0, 10**6),
 def derived_commits(draw) -> CommitMessage:
     """A commit whose seeds follow from the run seed, as the coordinator makes them."""
     round_id, per = draw(st.integers(0, 2**40)), draw(st.integers(1, 4))
-    slots = SeedSlots(draw(seeds), per, tuple(sorted(draw(st.sets(st.integers(0, 40 * per - 1),
-                                                                  max_size=12)))))
+    pool = draw(st.sampled_from([0, per, 16, 64]))
+    slots = SeedSlots(draw(seeds), per, tuple(sorted(draw(st.sets(
+        st.integers(0, (pool or 40 * per) - 1), max_size=12)))), pool)
     values = draw(st.lists(coefficients, min_size=len(slots.slots), max_size=len(slots.slots)))
     return CommitMessage(Commit(round_id, tuple(zip(slots.seeds(round_id), values))), draw(fp),
                          slots)
@@ -61,8 +63,7 @@ commit_msg = st.builds(CommitMessage, commit, fp) | derived_commits()
 @st.composite
 def results(draw):
     n = draw(st.integers(1, 5))
-    s = draw(st.lists(seeds, min_size=n, max_size=n, unique=True))
-    return Result(draw(ids), draw(st.integers(0, 10**6)), tuple(s),
+    return Result(draw(ids), draw(st.integers(0, 10**6)),
                   tuple(draw(st.lists(floats, min_size=n, max_size=n))),
                   draw(st.integers(1, 10**6)), draw(fp), draw(floats), draw(st.floats(0, 1e4)))
 
@@ -83,7 +84,7 @@ messages = st.one_of(
                         st.floats(0.01, 10)), st.integers(1024, 1 << 20)),
     st.builds(RoundStart, st.integers(0, 10**6), fp, st.floats(1e-6, 1), ids,
               st.lists(seeds, min_size=1, max_size=3, unique=True).map(tuple),
-              st.floats(0.1, 100), st.just(1), st.floats(0, 1)),
+              st.floats(0.1, 100), st.just(1), st.floats(0, 1), st.sampled_from([0, 3, 1024])),
     results(), commit_msg,
     st.builds(SyncRequest, ids, st.integers(0, 1000), fp), sync_replies(),
     st.builds(Status, ids, st.sampled_from(["online", "offline"])),
@@ -127,7 +128,7 @@ def test_a_mutated_field_is_refused_or_decodes_to_a_valid_message(message, data)
 
 
 def _result_body(**change):
-    body = json.loads(encode(Result("a1", 3, (1, 2), (0.5, -0.5), 10, "0" * 32)))
+    body = json.loads(encode(Result("a1", 3, (0.5, -0.5), 10, "0" * 32)))
     body.update(change)
     return json.dumps(body).encode()
 
@@ -136,14 +137,15 @@ def _result_body(**change):
     (b"", "bad_json"),
     (b"[1, 2]", "bad_json"),
     (b'{"v": 1, "type": "result"}', "bad_version"),  # the wire before compact commits
-    (b'{"v": 3, "type": "result"}', "bad_version"),
-    (b'{"v": 2, "type": "teleport"}', "bad_type"),
+    (b'{"v": 2, "type": "result"}', "bad_version"),  # the wire before summed commits
+    (b'{"v": 4, "type": "result"}', "bad_version"),
+    (b'{"v": 3, "type": "teleport"}', "bad_type"),
     (_result_body(scalars=[float("nan"), 0.5]), "non_finite"),
     (_result_body(scalars=[1e400, 0.5]), "non_finite"),
     (_result_body(scalars=[1e31, 0.5]), "out_of_range"),
-    (_result_body(scalars=[0.5]), "bad_scalars"),
-    (_result_body(seeds=[1, 1]), "bad_seed"),
-    (_result_body(seeds=[-1, 2]), "bad_seed"),
+    (_result_body(scalars=[]), "bad_scalars"),
+    (_result_body(scalars=0.5), "bad_type"),
+    (_result_body(seeds=[1, 2]), "unknown_field"),  # the coordinator knows them
     (_result_body(round=-4), "out_of_range"),
     (_result_body(round="3"), "bad_type"),
     (_result_body(samples=True), "bad_type"),
@@ -171,15 +173,30 @@ def test_size_limits_apply_before_parsing():
     assert info.value.code == "too_big"
 
 
-def _bits(values) -> bytes:
-    return struct.pack(f"<{len(values)}d", *values)
+def _bits(values, width: str = "f") -> bytes:
+    return struct.pack(f"<{len(values)}{width}", *values)
 
 
-def test_coefficients_cross_the_wire_bit_exact():
-    values = (0.1, 1 / 3, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308 / 1e290,
-              -0.0)
+def test_coefficients_cross_the_wire_as_the_float32_that_is_applied():
+    values = (0.1, 1 / 3, 1e-45, -1.1754943508222875e-38, -1e29, -0.0, 5e-324)
     msg = CommitMessage(Commit(0, tuple((i, v) for i, v in enumerate(values))), "0" * 32)
-    assert _bits([c for _, c in decode(encode(msg)).commit.pairs]) == _bits(values)
+    rounded = _bits(values)  # struct rounds float64 to float32 as numpy does: to nearest
+    assert _bits([c for _, c in msg.commit.pairs]) == rounded
+    assert _bits([c for _, c in decode(encode(msg)).commit.pairs]) == rounded
+    with pytest.raises(ProtocolError) as info:  # past float32's range: no rounding holds it
+        Commit(0, ((1, 1e39),))
+    assert info.value.code == "out_of_range"
+
+
+def test_a_version_2_commit_of_a_journal_keeps_its_float64_bits_and_pairwise_rule():
+    values = (0.1, 1 / 3, 5e-324, -0.0)
+    commit = Commit(4, tuple((i, v) for i, v in enumerate(values)), "pairwise")
+    body = CommitMessage(commit, "0" * 32).to_wire(version=2)
+    assert "apply" not in body
+    got = CommitMessage.from_wire(body, version=2).commit
+    assert got.apply == "pairwise" and _bits([c for _, c in got.pairs], "d") == _bits(values, "d")
+    with pytest.raises(ProtocolError):  # a summed commit has no version 2 form
+        CommitMessage(Commit(4, ((1, 0.5),)), "0" * 32).to_wire(version=2)
 
 
 # --- the compact commit (protocols/compact.py) -------------------------------------------
@@ -204,15 +221,29 @@ def test_slot_runs_are_maximal_and_give_the_slots_back(chosen):
     assert all(b[0] > a[0] + a[1] for a, b in zip(runs, runs[1:]))  # a gap between runs
 
 
-def test_a_full_round_commit_is_one_run_and_eleven_bytes_a_pair():
+def test_a_full_round_commit_is_one_run_and_under_six_bytes_a_pair():
     per, clients = 2, 1000
     slots = SeedSlots(2**64 - 1, per, tuple(range(per * clients)))
     pairs = tuple(zip(slots.seeds(7), (i * 1e-7 for i in range(per * clients))))
     payload = encode(CommitMessage(Commit(7, pairs), "0" * 32, slots))
     assert json.loads(payload)["derive"]["slots"] == [[0, per * clients]]
-    assert len(payload) < 11 * per * clients
+    assert len(payload) < 6 * per * clients
     explicit = encode(CommitMessage(Commit(7, pairs), "0" * 32))  # seeds sent as bytes
-    assert len(payload) < len(explicit) < 22 * per * clients
+    assert len(payload) < len(explicit) < 17 * per * clients
+
+
+def test_a_pooled_commit_names_pool_slots_whose_seeds_are_the_rounds_own():
+    slots = SeedSlots(9, 2, (0, 1, 5), pool=6)
+    assert slots.seeds(3) == tuple(derive_seed(9, 3, t // 2, t % 2) for t in (0, 1, 5))
+    message = CommitMessage(Commit(3, tuple(zip(slots.seeds(3), (1.0, 2.0, 3.0)))), "0" * 32,
+                            slots)
+    body = json.loads(encode(message))
+    assert body["derive"]["pool"] == 6 and body["apply"] == "sum64"
+    assert decode(encode(message)) == message
+    body["derive"]["slots"] = [[0, 2], [6, 1]]  # past the pool
+    with pytest.raises(ProtocolError) as info:
+        decode(json.dumps(body).encode())
+    assert info.value.code == "bad_slots"
 
 
 def test_a_commit_whose_seeds_do_not_follow_its_slots_cannot_be_made():
@@ -258,11 +289,18 @@ def _hostile_commit(kind: str, body: dict, data) -> tuple[dict, set[str]]:
         body["coefficients"] = _noncanonical(body["coefficients"])
         return body, {"bad_base64", "bad_count"}
     if kind == "value":
-        bad = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e31, -1e300]))
-        values = list(struct.unpack(f"<{n}d", base64.b64decode(body["coefficients"])))
+        bad = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e31, -1e38]))
+        values = list(struct.unpack(f"<{n}f", base64.b64decode(body["coefficients"])))
         values[data.draw(st.integers(0, n - 1))] = bad
         body["coefficients"] = _b64_floats(*values)
         return body, {"non_finite", "out_of_range"}
+    if kind == "apply":
+        change = data.draw(st.sampled_from(["fast", None, "drop"]))
+        if change == "drop":
+            body.pop("apply")
+        else:
+            body["apply"] = change
+        return body, {"bad_apply", "bad_type", "missing_field"}
     if kind == "both_or_neither":
         if derived:
             body["seeds"] = base64.b64encode(bytes(8 * n)).decode()
@@ -280,6 +318,9 @@ def _hostile_commit(kind: str, body: dict, data) -> tuple[dict, set[str]]:
     if kind == "per_client":
         derive["per_client"] = data.draw(st.sampled_from([0, 1025, -3, None]))
         return body, {"out_of_range", "bad_type"}
+    if kind == "pool":
+        derive["pool"] = data.draw(st.sampled_from([-1, 2**21, True, None, "8"]))
+        return body, {"out_of_range", "bad_type"}
     first, count = runs[0]
     derive["slots"] = data.draw(st.sampled_from([
         [[first, count], [first, 1]] + runs[1:],  # overlapping, not ascending
@@ -288,7 +329,8 @@ def _hostile_commit(kind: str, body: dict, data) -> tuple[dict, set[str]]:
         else [[first, 1], [first, 1]],  # not maximal, or repeated
         [[first, count, 0]] + runs[1:],  # not a pair
         [[True, count]] + runs[1:],  # not an integer
-        [[100_000 * derive["per_client"] - count + 1, count]] + runs[1:],  # past the round
+        [[(derive["pool"] or 100_000 * derive["per_client"]) - count + 1, count]]
+        + runs[1:],  # past the round (or the pool)
         runs[1:] + [[first, count]] if len(runs) > 1 else [[-1, count]],  # out of order
         {"first": first}, runs + [[10**9, 1]]]))
     return body, {"bad_slots", "bad_count"}
@@ -298,7 +340,8 @@ def _hostile_commit(kind: str, body: dict, data) -> tuple[dict, set[str]]:
 @settings(max_examples=400, deadline=None)
 def test_hostile_compact_commits_are_refused_with_their_reason(message, data):
     kind = data.draw(st.sampled_from(["count", "truncated", "bad_char", "noncanonical", "value",
-                                      "both_or_neither", "run_seed", "per_client", "slots"]))
+                                      "apply", "both_or_neither", "run_seed", "per_client",
+                                      "pool", "slots"]))
     body, codes = _hostile_commit(kind, json.loads(encode(message)), data)
     with pytest.raises(ProtocolError) as info:
         decode(json.dumps(body).encode())
@@ -306,11 +349,14 @@ def test_hostile_compact_commits_are_refused_with_their_reason(message, data):
     assert str(info.value)
 
 
-def test_a_version_1_commit_is_refused_on_the_wire():
+def test_version_1_and_2_commits_are_refused_on_the_wire():
     old = {"v": 1, "type": "commit", "round": 0, "pairs": [[1, 0.5]], "fingerprint": "0" * 32}
-    with pytest.raises(ProtocolError, match="update the older side") as info:
-        decode(json.dumps(old).encode())
-    assert info.value.code == "bad_version"
+    v2 = {"v": 2, **CommitMessage(Commit(0, ((1, 0.5),), "pairwise"), "0" * 32).to_wire(2),
+          "type": "commit"}
+    for message in (old, v2):
+        with pytest.raises(ProtocolError, match="update the older side") as info:
+            decode(json.dumps(message).encode())
+        assert info.value.code == "bad_version"
 
 
 def test_topic_layout_and_agent_topic_parsing():

@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.directions import (
+    GROUP,
+    PAIRWISE,
+    SUM64,
+    CommitPlan,
     DirectionSpec,
+    axpy,
     axpy_direction,
     direction,
     raw_words,
@@ -16,6 +21,7 @@ from protocols.directions import (
 )
 from protocols.errors import ProtocolError
 from protocols.selftest import load_vectors, run_selftest
+from protocols.zo import Commit, apply_commit
 
 VECTORS = load_vectors()
 
@@ -96,3 +102,68 @@ def test_seeds_outside_uint64_are_refused():
 def test_unaligned_chunks_are_refused():
     with pytest.raises(ValueError):
         direction(DirectionSpec(), 1, 0, 100, 10)
+
+
+def _summed_by_the_letter(w: np.ndarray, spec: DirectionSpec, pairs) -> np.ndarray:
+    """The summed rule as docs/protocol.md words it, element by element in plain Python:
+    exact float32 x float32 terms, sums of GROUP pairs left to right, one rounding."""
+    zs = [direction(spec, seed, 0, 0, w.size).astype(np.float64) for seed, _ in pairs]
+    cs = [float(np.float32(c)) for _, c in pairs]
+    out = []
+    for p, value in enumerate(w.tolist()):
+        total = None
+        for g in range(0, len(pairs), GROUP):
+            group = None
+            for j in range(g, min(g + GROUP, len(pairs))):
+                term = cs[j] * float(zs[j][p])
+                group = term if group is None else group + term
+            total = group if total is None else total + group
+        out.append(value - total)
+    return np.array(out, dtype=np.float64).astype(np.float32)
+
+
+@given(seeds=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=19),
+       size=st.integers(1, 600), dist=st.sampled_from(["rademacher", "gaussian"]),
+       scale=st.sampled_from([1.0, 0.25, 3.0]), chunk_blocks=st.integers(1, 3))
+@settings(max_examples=40, deadline=None)
+def test_a_summed_commit_is_the_written_rule_in_any_chunking(seeds, size, dist, scale,
+                                                               chunk_blocks):
+    spec = DirectionSpec(dist, scale)
+    rng = np.random.default_rng(len(seeds) + size)
+    pairs = [(s, float(rng.standard_normal() * 10.0 ** rng.integers(-9, -2))) for s in seeds]
+    w = rng.standard_normal(size).astype(np.float32)
+    want = _summed_by_the_letter(w, spec, pairs)
+    got = w.copy()
+    for start, total in CommitPlan(spec, pairs).totals(size, 0, 256 * chunk_blocks):
+        part = got[start:start + total.size]
+        part[...] = (part.astype(np.float64) - total).astype(np.float32)
+    assert got.tobytes() == want.tobytes()
+
+
+def test_small_steps_survive_the_summed_rule_and_are_lost_pair_by_pair():
+    """Weights near 1.0 (ulp 1.2e-7), 400 pairs of |c| = 3e-8: pair by pair, almost every
+    addend rounds away; summed in float64 and rounded once, the step lands within an ulp."""
+    spec, n = DirectionSpec(), 4096
+    rng = np.random.default_rng(7)
+    pairs = tuple((int(s), float(c)) for s, c in zip(rng.integers(0, 2**63, 400),
+                                                      rng.choice([-3e-8, 3e-8], 400)))
+    exact = np.zeros(n)
+    for seed, c in pairs:
+        exact -= float(np.float32(c)) * direction(spec, seed, 0, 0, n).astype(np.float64)
+    errors = {}
+    for rule in (PAIRWISE, SUM64):
+        w = [np.ones(n, np.float32)]
+        apply_commit(w, Commit(0, pairs, rule), spec)
+        step = w[0].astype(np.float64) - 1.0
+        errors[rule] = np.linalg.norm(step - exact) / np.linalg.norm(exact)
+    assert errors[SUM64] < 0.1 < 0.5 < errors[PAIRWISE], errors
+
+
+def test_a_pairwise_commit_is_applied_as_pairs_were():
+    spec, w = DirectionSpec(), [np.linspace(-1, 1, 999, dtype=np.float32)]
+    by_pairs = [w[0].copy()]
+    pairs = ((3, 1e-3), (4, -2e-3))
+    for seed, c in pairs:
+        axpy(by_pairs, -c, spec, seed)
+    apply_commit(w, Commit(0, pairs, PAIRWISE), spec)
+    assert w[0].tobytes() == by_pairs[0].tobytes()

@@ -15,6 +15,7 @@ import math
 import struct
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +27,7 @@ from protocols.journal import Journal
 from protocols.messages import Capabilities, Hello, Result
 from protocols.robust import Robustness, scalar_bound, trimmed_keep
 from protocols.topics import Send
-from protocols.zo import ClientResult, aggregate, fingerprint
+from protocols.zo import ClientResult, aggregate, fingerprint, weigh
 from tests.test_rounds import RUN, Fleet, total_loss
 
 HONEST_SHA = "ab" * 32  # what Fleet announces
@@ -53,7 +54,7 @@ def open_fleet() -> Fleet:
 def result_body(fleet: Fleet, agent: str = "a0", **change) -> dict:
     start = fleet.coord.current_round
     seeds = start.assignments.get(agent, (7,))
-    body = json.loads(encode(Result(agent, start.round, seeds, (0.5,) * len(seeds), 10,
+    body = json.loads(encode(Result(agent, start.round, (0.5,) * len(seeds), 10,
                                     start.fingerprint)))
     body.update(change)
     return body
@@ -75,17 +76,17 @@ def hostile(draw, fleet: Fleet) -> tuple[str, bytes, set[str]]:
     a0, a1 = topics.agent(RUN, "a0", "result"), topics.agent(RUN, "a1", "result")
     kind = draw(st.sampled_from([
         "garbage", "wrong_type", "oversized", "non_finite", "absurd", "stale", "future",
-        "duplicate", "unknown", "wrong_model", "fingerprint", "spoofed", "seeds"]))
+        "duplicate", "unknown", "wrong_model", "fingerprint", "spoofed", "count", "seeds"]))
     if kind == "garbage":
         junk = draw(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
         return a0, junk, {"bad_json", "bad_version", "bad_type", "unknown_field",
                           "missing_field", "non_finite"}
     if kind == "wrong_type":
-        field = draw(st.sampled_from(["round", "seeds", "scalars", "samples", "fingerprint",
+        field = draw(st.sampled_from(["round", "scalars", "samples", "fingerprint",
                                       "agent_id", "loss"]))
         value = draw(wrong_types.filter(
             lambda v: not isinstance(v, (int, float, list)) or isinstance(v, bool)
-            or (isinstance(v, list) and field not in ("seeds", "scalars"))))
+            or (isinstance(v, list) and field != "scalars")))
         return a0, raw(result_body(fleet, **{field: value})), {
             "bad_type", "bad_seed", "bad_scalars", "bad_hash", "bad_id", "out_of_range",
             "missing_field"}
@@ -123,7 +124,12 @@ def hostile(draw, fleet: Fleet) -> tuple[str, bytes, set[str]]:
         return a0, raw(result_body(fleet, fingerprint=fp)), {"fingerprint_mismatch"}
     if kind == "spoofed":
         return a0, raw(result_body(fleet, "a1")), {"spoofed_id"}
-    return a0, raw(result_body(fleet, seeds=[draw(st.integers(0, 2**63))])), {"bad_seed"}
+    if kind == "count":  # not one scalar per assigned seed
+        return a0, raw(result_body(fleet, scalars=[0.5] * draw(st.sampled_from([2, 3])))), {
+            "bad_scalars"}
+    # seeds sent back: the coordinator knows them, so the field is not the wire's
+    return a0, raw(result_body(fleet, seeds=[draw(st.integers(0, 2**63))])), {
+        "unknown_field"}
 
 
 def answer_a0(fleet: Fleet) -> None:
@@ -246,13 +252,16 @@ def test_bounds_and_trimming_are_pure_functions_of_their_inputs():
     assert trimmed_keep([3.0, -9.0, 1.0, 1.0, 8.0], 0.2) == {0, 2, 3}
     assert trimmed_keep([1.0, 2.0], 0.2) is None
     results = [ClientResult((1, 2), (0.5, -40.0), 30), ClientResult((3, 4), (1.5, 0.25), 10)]
-    clipped = aggregate(0, results, 0.1, bound=2.0)
-    assert clipped.pairs[1] == (2, 0.1 * 0.75 / 2 * -2.0)
-    trimmed = aggregate(0, results, 0.1, keep={0, 3})
+    clipped = weigh(results, 0.1, bound=2.0)
+    assert clipped[1] == (2, 0.1 * 0.75 / 2 * -2.0)
+    trimmed = weigh(results, 0.1, keep={0, 3})
     full = sum(0.1 * w / 2 for w in (0.75, 0.75, 0.25, 0.25))
     kept = 0.1 * 0.75 / 2 + 0.1 * 0.25 / 2
-    assert trimmed.pairs == ((1, 0.1 * 0.75 / 2 * (full / kept) * 0.5),
-                             (4, 0.1 * 0.25 / 2 * (full / kept) * 0.25))
+    assert trimmed == [(1, 0.1 * 0.75 / 2 * (full / kept) * 0.5),
+                       (4, 0.1 * 0.25 / 2 * (full / kept) * 0.25)]
+    # the commit holds their float32 roundings (all that applying it uses)
+    assert aggregate(0, results, 0.1, keep={0, 3}).pairs == tuple(
+        (seed, float(np.float32(c))) for seed, c in trimmed)
     with pytest.raises(Exception, match="trim"):
         Robustness(trim=0.5)
     with pytest.raises(Exception, match="clip_factor"):
@@ -314,9 +323,10 @@ def hostile_to_agent(fleet: Fleet, start_a0: bytes, start_a1: bytes) -> list[tup
     for change in ({"coefficients": body["coefficients"][:-4]}, {"pairs": body["pairs"] + 1},
                    {"coefficients": "*" + body["coefficients"][1:]},
                    {"seeds": "AAAAAAAAAAA="}, {"derive": {**body["derive"], "slots": [[0, 0]]}},
-                   {"derive": {**body["derive"], "run_seed": 2**64}}, {"round": -1}):
+                   {"derive": {**body["derive"], "run_seed": 2**64}}, {"round": -1},
+                   {"apply": "pairwise-fast"}, {"derive": {**body["derive"], "pool": -2}}):
         cases.append((commit, json.dumps({**body, **change}).encode()))
-    nan = struct.pack("<d", math.nan) * body["pairs"]
+    nan = struct.pack("<f", math.nan) * body["pairs"]
     cases.append((commit, json.dumps({**body, "coefficients": base64.b64encode(nan).decode()})
                    .encode()))
     return cases
@@ -333,7 +343,8 @@ def test_an_agent_refuses_misaddressed_and_malformed_rounds_and_commits_and_chan
         assert a0.session.refused == refused + 1, topic
         assert session_state(a0) == before
     sends = a0.handle(a0.session.receive(starts[0].topic, starts[0].payload))  # the real one
-    assert [decode(s.payload).seeds for s in sends] == [fleet.coord.current_round.assignments["a0"]]
+    assert [len(decode(s.payload).scalars) for s in sends] == [
+        len(fleet.coord.current_round.assignments["a0"])]
 
 
 def test_an_agent_sends_only_what_the_wire_would_accept():
@@ -347,6 +358,6 @@ def test_an_agent_sends_only_what_the_wire_would_accept():
                           (-1.09e31, [0.1]), (2.3, [float("nan")]), (2.3, [float("-inf")]),
                           (2.3, [0.1, -2e12])):  # past what the coordinator takes
         assert not sendable(loss, scalars)
-    wire = encode(Result("pi-1", 0, (7,), (0.5,), 10, "0" * 32, 1.09e31, 0.1))
+    wire = encode(Result("pi-1", 0, (0.5,), 10, "0" * 32, 1.09e31, 0.1))
     with pytest.raises(ProtocolError, match="loss"):
         decode(wire)

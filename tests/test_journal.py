@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import zlib
@@ -9,7 +10,7 @@ import zlib
 import pytest
 
 from protocols.compact import SeedSlots
-from protocols.directions import DirectionSpec
+from protocols.directions import PAIRWISE, SUM64, DirectionSpec
 from protocols.errors import JournalError
 from protocols.journal import MAGIC, Journal, read_journal
 from protocols.messages import CommitMessage
@@ -19,11 +20,11 @@ from tests.toy import initial_weights
 HEADER = {"run_id": "r", "base_version": 0, "spec": DirectionSpec().to_dict()}
 
 
-def _chain(n: int) -> tuple[list[CommitMessage], str]:
+def _chain(n: int, rule: str = SUM64) -> tuple[list[CommitMessage], str]:
     w = initial_weights()
     out = []
     for r in range(n):
-        c = Commit(r, tuple((derive_seed(1, r, k, 0), 0.01 * (k + 1)) for k in range(3)))
+        c = Commit(r, tuple((derive_seed(1, r, k, 0), 0.01 * (k + 1)) for k in range(3)), rule)
         apply_commit(w, c, DirectionSpec())
         out.append(CommitMessage(c, fingerprint(w)))
     return out, fingerprint(w)
@@ -106,42 +107,62 @@ def test_out_of_order_commits_and_bad_files_are_refused(tmp_path):
         Journal.create(tmp_path / "k", {"run_id": "r"})
 
 
-def _write_format_1(path, chain: list[CommitMessage]) -> None:
-    """A journal as builds before wire version 2 wrote it: commits as JSON pairs."""
+def _write_old(path, chain: list[CommitMessage], version: int = 1) -> None:
+    """A journal as older builds wrote it: format 1 (commits as JSON pairs) or 2 (compact,
+    float64 coefficients), both applied pair by pair. Written here by hand, not by the
+    module under test."""
+    def fields(m: CommitMessage) -> dict:
+        if version == 1:
+            return {"round": m.commit.round, "pairs": [[s, c] for s, c in m.commit.pairs]}
+        return {"round": m.commit.round, "pairs": len(m.commit.pairs),
+                "coefficients": base64.b64encode(struct.pack(
+                    f"<{len(m.commit.pairs)}d", *(c for _, c in m.commit.pairs))).decode(),
+                "seeds": base64.b64encode(struct.pack(
+                    f"<{len(m.commit.pairs)}Q", *(s for s, _ in m.commit.pairs))).decode()}
     records = [{"type": "header", **HEADER}] + [
-        {"type": "commit", "round": m.commit.round, "pairs": [[s, c] for s, c in m.commit.pairs],
-         "fingerprint": m.fingerprint, "scale": 0.5 + m.commit.round} for m in chain]
+        {"type": "commit", **fields(m), "fingerprint": m.fingerprint,
+         "scale": 0.5 + m.commit.round} for m in chain]
     payloads = [json.dumps(r, separators=(",", ":")).encode() for r in records]
-    path.write_bytes(b"ZOWJOURNAL1\n" + b"".join(
+    path.write_bytes(b"ZOWJOURNAL%d\n" % version + b"".join(
         struct.pack("<II", len(p), zlib.crc32(p)) + p for p in payloads))
 
 
-def test_a_journal_of_the_old_format_replays_and_grows_in_its_own_format(tmp_path):
-    chain, final = _chain(4)
+@pytest.mark.parametrize("version, marker", [(1, b'"pairs":[['), (2, b'"coefficients"')])
+def test_an_old_journal_replays_pair_by_pair_and_grows_in_its_own_format(tmp_path, version,
+                                                                          marker):
+    chain, final = _chain(4, PAIRWISE)
     path = tmp_path / "old"
-    _write_format_1(path, chain[:3])
+    _write_old(path, chain[:3], version)
     contents = read_journal(path)
-    assert contents.format == 1 and contents.commits == chain[:3]
+    assert contents.format == version and contents.commits == chain[:3]
+    assert all(m.commit.apply == PAIRWISE for m in contents.commits)
     assert contents.scales == {0: 0.5, 1: 1.5, 2: 2.5}
-    with Journal.open(path) as j:  # a run of the old build, resumed by this one
+    with Journal.open(path) as j:  # a run of an old build, resumed by this one
+        assert j.apply == PAIRWISE
+        with pytest.raises(JournalError, match="sum64"):  # one rule per journal
+            j.append_commit(_chain(4)[0][3])
         j.append_commit(chain[3])
     data = path.read_bytes()
-    assert data.startswith(b"ZOWJOURNAL1\n") and b'"pairs":[[' in data.split(b"ZOWJOURNAL1\n")[1]
-    assert b'"coefficients"' not in data
+    assert data.startswith(b"ZOWJOURNAL%d\n" % version) and data.count(marker) == 4
+    assert b'"apply"' not in data
     w = initial_weights()
     replay(w, [m.commit for m in read_journal(path).commits], DirectionSpec())
     assert fingerprint(w) == final
+    summed, _ = _chain(4)
+    assert final != summed[-1].fingerprint  # the rules differ: the rule is the journal's
 
 
-def test_a_new_journal_holds_compact_commits(tmp_path):
+def test_a_new_journal_holds_compact_summed_commits(tmp_path):
     chain, _ = _chain(2)
     derived = chain[1].commit  # seeds derive_seed(1, 1, k, 0): slots 0, 1, 2 with one each
     compact = CommitMessage(derived, chain[1].fingerprint, SeedSlots(1, 1, (0, 1, 2)))
     with Journal.create(tmp_path / "j", HEADER) as j:
+        assert j.apply == SUM64
         j.append_commit(chain[0])  # a message without slots: its seeds go as bytes
         j.append_commit(compact)
     data = (tmp_path / "j").read_bytes()
-    assert data.startswith(MAGIC) and MAGIC != b"ZOWJOURNAL1\n" and b'"pairs":[' not in data
+    assert data.startswith(MAGIC) and MAGIC == b"ZOWJOURNAL3\n" and b'"pairs":[' not in data
     contents = read_journal(tmp_path / "j")
-    assert contents.format == 2 and contents.commits == [chain[0], compact]
+    assert contents.format == 3 and contents.commits == [chain[0], compact]
     assert contents.commits[1].slots == compact.slots
+    assert all(m.commit.apply == SUM64 for m in contents.commits)

@@ -191,7 +191,7 @@ def test_agent_with_diverged_bits_reloads_instead_of_computing():
 
 def _result(fleet: Fleet, agent: str, **change) -> bytes:
     start = fleet.coord.current_round
-    fields = dict(agent_id=agent, round=start.round, seeds=start.assignments.get(agent, (1,)),
+    fields = dict(agent_id=agent, round=start.round,
                   scalars=(0.5,) * len(start.assignments.get(agent, (1,))), samples=10,
                   fingerprint=start.fingerprint)
     fields.update(change)
@@ -200,7 +200,8 @@ def _result(fleet: Fleet, agent: str, **change) -> bytes:
 
 @pytest.mark.parametrize("case, code", [
     ("unknown", "unknown_agent"), ("spoofed", "spoofed_id"), ("stale", "stale_round"),
-    ("future", "future_round"), ("seeds", "bad_seed"), ("fingerprint", "fingerprint_mismatch"),
+    ("future", "future_round"), ("scalars", "bad_scalars"),
+    ("fingerprint", "fingerprint_mismatch"),
     ("nan", "non_finite"), ("huge", "out_of_range"), ("garbage", "bad_json"),
     ("wrong_topic", "bad_topic"), ("duplicate", "duplicate"), ("not_assigned", "not_assigned"),
 ])
@@ -221,8 +222,8 @@ def test_hostile_results_are_refused_counted_and_change_nothing(case, code):
         payload = _result(fleet, "a0", round=0)
     elif case == "future":
         payload = _result(fleet, "a0", round=7)
-    elif case == "seeds":
-        payload = _result(fleet, "a0", seeds=(1,))
+    elif case == "scalars":  # not one scalar per assigned seed
+        payload = _result(fleet, "a0", scalars=(0.5, 0.5))
     elif case == "fingerprint":
         payload = _result(fleet, "a0", fingerprint="f" * 32)
     elif case == "nan":
@@ -291,8 +292,8 @@ def test_round_starts_reach_only_participants_and_the_commit_names_seeds_by_slot
     assert set(fleet.fingerprints().values()) == {fingerprint(fleet.weights)}
 
 
-def test_a_thousand_agent_round_sends_a_few_hundred_bytes_each_and_an_11_kb_commit():
-    """The messages of issue 7's load target: 1,000 participants, one direction each."""
+def test_a_thousand_agent_round_sends_a_few_hundred_bytes_each_and_a_6_kb_commit():
+    """The messages of the load target: 1,000 participants, one direction each."""
     n = 1000
     coord = Coordinator(RUN, 2**64 - 1, DirectionSpec(), 0, "0" * 32, RoundPolicy())
     ids = [f"sim-{i:05d}" for i in range(n)]
@@ -302,11 +303,45 @@ def test_a_thousand_agent_round_sends_a_few_hundred_bytes_each_and_an_11_kb_comm
     starts = coord.open_round(ids, 0.0)
     assert max(len(s.payload) for s in starts) < 300
     for agent, send in zip(ids, starts):
-        start = decode(send.payload)
-        result = Result(agent, 0, start.seeds, (0.25 - len(agent) * 1e-3,), 10, "0" * 32)
+        assert len(decode(send.payload).seeds) == 1
+        result = Result(agent, 0, (0.25 - len(agent) * 1e-3,), 10, "0" * 32)
+        assert len(encode(result)) < 200
         coord.receive(topics.agent(RUN, agent, "result"), encode(result), 1.0)
     assert len(coord.round_results()) == n and not coord.refused
     commit = coord.close_round()
     payload = coord.committed(commit, "1" * 32).payload
-    assert len(payload) < 11 * n
+    assert len(payload) < 6 * n
     assert decode(payload).commit == commit
+
+
+def test_a_pool_bounds_the_directions_and_every_holder_stays_on_the_same_bits():
+    """8 agents x 2 directions over a pool of 4: each direction is evaluated by 4 agents,
+    the commit holds 4 pairs whose coefficients sum theirs, and every agent applies it."""
+    policy = RoundPolicy(eps=1e-3, lr=0.05, directions=2, pool=4)
+    fleet = Fleet(8, policy)
+    sends = fleet.coord.open_round(sorted(fleet.clients), fleet.now)
+    assert {decode(s.payload).pool for s in sends} == {4}
+    plan = fleet.coord.current_round
+    assert len({seed for seeds in plan.assignments.values() for seed in seeds}) == 4
+    for send in sends:
+        fleet.orch.publish(*_pub(send))
+    fleet.pump()
+    results = fleet.coord.round_results()
+    commit = fleet.coord.close_round()
+    assert len(commit.pairs) == 4 and commit.apply == "sum64"
+    total = sum(r.samples for r in results.values())
+    for seed, c in commit.pairs:  # the seed of pool slot k, evaluated by slots t = k mod 4
+        shares = [0.05 * results[a].samples / total * g / 2
+                  for a in plan.participants for seed_j, g in zip(plan.assignments[a],
+                                                                  results[a].scalars)
+                  if seed_j == seed]
+        assert len(shares) == 4 and c == float(np.float32(sum(shares)))
+    apply_commit(fleet.weights, commit, fleet.spec)
+    fleet.orch.publish(*_pub(fleet.coord.committed(commit, fingerprint(fleet.weights))))
+    fleet.pump()
+    assert set(fleet.fingerprints().values()) == {fingerprint(fleet.weights)}
+    before = total_loss(fleet.weights)
+    for _ in range(5):
+        fleet.round()
+    assert set(fleet.fingerprints().values()) == {fingerprint(fleet.weights)}
+    assert total_loss(fleet.weights) < before

@@ -46,6 +46,7 @@ directions = 2
 eps = 1e-3
 lr = 1e-2
 deadline_s = 60
+snapshot_every = 4
 
 [eval]
 every = 3
@@ -129,7 +130,10 @@ def test_resume_after_sigkill_in_the_zo_phase_gives_the_same_bits(embedded_run, 
     assert read_journal(out / "journal").torn_bytes >= 33
     again = zowarmup("run", str(config_file), "--out", str(out), cwd=config_file.parent)
     assert again.returncode != 0 and "zowarmup resume" in again.stderr
-    done = zowarmup("resume", str(out), cwd=config_file.parent)
+    snapshots = out / "snapshots"  # every 4 versions, each written just after its commit
+    newest = max((int(p.name[9:17]) for p in snapshots.glob("snapshot-*.bin")), default=0)
+    assert newest in (killed_at // 4 * 4, killed_at // 4 * 4 - 4)
+    done = zowarmup("resume", str(out), cwd=config_file.parent)  # from that snapshot
     assert done.returncode == 0, done.stderr[-4000:]
     assert summary_of(out)["final_sha256"] == summary_of(embedded_run)["final_sha256"]
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -16,8 +16,10 @@ from protocols.zo import (
     apply_commit,
     derive_seed,
     fingerprint,
+    pool_pairs,
     projected_gradient,
     replay,
+    slot_seeds,
 )
 
 shapes = st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple),
@@ -70,13 +72,25 @@ def test_aggregate_weights_clients_by_samples_and_averages_directions():
     commit = aggregate(3, [ClientResult((1, 2), (1.0, 3.0), 30),
                            ClientResult((5,), (-2.0,), 10)], lr=0.1)
     assert commit.round == 3
-    assert commit.pairs == ((1, 0.1 * 0.75 * 1.0 / 2), (2, 0.1 * 0.75 * 3.0 / 2),
-                            (5, 0.1 * 0.25 * -2.0))
+    want = ((1, 0.1 * 0.75 * 1.0 / 2), (2, 0.1 * 0.75 * 3.0 / 2), (5, 0.1 * 0.25 * -2.0))
+    # the commit holds the float32 of each coefficient: all that applying it uses
+    assert commit.pairs == tuple((s, float(np.float32(c))) for s, c in want)
 
 
 def test_aggregate_of_local_steps_divides_by_directions_per_step():
     commit = aggregate(0, [ClientResult((1, 2, 3, 4), (1.0, 1.0, 1.0, 1.0), 10, steps=2)], 0.1)
-    assert [c for _, c in commit.pairs] == [0.05] * 4
+    assert [c for _, c in commit.pairs] == [float(np.float32(0.05))] * 4
+
+
+def test_a_pool_sums_the_coefficients_of_the_slots_that_share_a_direction():
+    pairs = [(10, 1.0), (11, 2.0), (10, 0.25), (11, -1.0), (10, 1e-17)]
+    folded, slots = pool_pairs(pairs, [0, 1, 2, 3, 4], 2)
+    assert slots == [0, 1] and folded == [(10, (1.0 + 0.25) + 1e-17), (11, 2.0 - 1.0)]
+    assert pool_pairs(pairs[:2], [3, 7], 0) == (pairs[:2], [3, 7])  # distinct seeds: as is
+    seeds = slot_seeds(4, 2, 2, 3, 4)  # 4 clients x 2 seeds over a pool of 3
+    assert seeds[3:6] == seeds[:3] and len(set(seeds)) == 3
+    assert seeds[:3] == tuple(derive_seed(4, 2, t // 2, t % 2) for t in range(3))
+    assert slot_seeds(4, 2, 2, 0, 4) == slot_seeds(4, 2, 2, 8, 4)  # a pool that holds all
 
 
 def test_commit_moves_weights_against_the_gradient():

@@ -36,6 +36,7 @@ from protocols.zo import weights_sha256
 from ..config import Config
 from ..rounds.loop import RoundLoop, RoundReport, Schedule, run_rounds, start_coordinator
 from ..rounds.model import ModelState
+from ..rounds.snapshots import Snapshots
 from ..rounds.workers import use_shard
 from ..run.fleets import mqtt_fleet, worker_fleet
 from ..run.progress import Progress
@@ -66,7 +67,8 @@ def execute_bbpt(config: Config, rd: RunDir, local_agents: int | None = None,
         address, key, endpoint = _blackbox_address(config, rd, stack)
         journal = open_journal(rd.journal, config.run.name)
         stack.callback(journal.close)
-        state = ModelState.load(rd.model, _spec(config), history)
+        snapshots = Snapshots(rd.snapshots, config.zo.snapshot_every)
+        state = ModelState.load(rd.model, _spec(config), history, snapshots=snapshots)
         coordinator = start_coordinator(state, config.run.name, config.run.seed,
                                         round_policy(config), history, journal)
         pool = _pool(config, prepared)
@@ -78,7 +80,7 @@ def execute_bbpt(config: Config, rd: RunDir, local_agents: int | None = None,
             env = {BLACKBOX_ENV: address, **({API_KEY_ENV: key} if key else {})}
             local = len(pool) if local_agents is None else min(local_agents, len(pool))
             fleet = mqtt_fleet(config, rd, state, coordinator, stack, pool, local, env)
-        loop = RoundLoop(state, coordinator, fleet, journal)
+        loop = RoundLoop(state, coordinator, fleet, journal, snapshots)
         schedule = Schedule(config.zo.rounds, config.run.seed, config.zo.clients_per_round,
                             config.eval.every)
         recorder = RoundRecorder(rd, progress, coordinator, started, "bbpt",

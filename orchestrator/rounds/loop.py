@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +29,7 @@ from protocols.zo import Commit
 
 from ..run.state import Diverged
 from .model import Delta, ModelState
+from .snapshots import Snapshots
 
 log = logging.getLogger("zowarmup.rounds")
 
@@ -61,7 +62,10 @@ class Fleet(Protocol):
 def start_coordinator(state: ModelState, run_id: str, run_seed: int, policy: RoundPolicy,
                       history: Sequence[CommitMessage], journal: Journal | None = None,
                       keep_commits: int = 200) -> Coordinator:
-    """The coordinator of a run at the state ``history`` left it in."""
+    """The coordinator of a run at the state ``history`` left it in. Commits are applied by
+    the journal's rule: a journal of an older format goes on as its run began."""
+    if journal is not None and journal.apply != policy.apply:
+        policy = replace(policy, apply=journal.apply)
     return Coordinator(run_id, run_seed, state.spec, len(history), state.fingerprint(), policy,
                        history=history[-keep_commits:], keep_commits=keep_commits,
                        scales=journal.scales if journal is not None else None)
@@ -71,9 +75,10 @@ class RoundLoop:
     """One round at a time over a fleet; :func:`run_rounds` repeats it for a phase."""
 
     def __init__(self, state: ModelState, coordinator: Coordinator, fleet: Fleet,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, snapshots: Snapshots | None = None) -> None:
         self.state, self.coordinator, self.fleet, self.journal = (state, coordinator, fleet,
                                                                   journal)
+        self.snapshots = snapshots  # written after the journal, every ``snapshots.every``
         self.downlink_bytes = 0  # what one participant received: its round starts and commits
         self.last_results: dict[str, Result] = {}  # what the last round's clients reported
 
@@ -115,6 +120,8 @@ class RoundLoop:
         message = c.commit_message(commit, fp)
         if self.journal is not None:
             self.journal.append_commit(message, c.closing_scale)
+            if self.snapshots is not None and self.snapshots.due(commit.round + 1):
+                self.snapshots.write(commit.round + 1, self.state.flat, fp)
         broadcast = c.committed(commit, fp)
         self.downlink_bytes += len(broadcast.payload)
         self.fleet.commit(broadcast, message, delta)

@@ -63,8 +63,12 @@ class MqttFleet:
         self.snapshot_every = snapshot_every or max(1, keep_commits // 2)
         self.chunk_bytes = CHUNK_BYTES
         self.snapshot: tuple[str, int] | None = None  # (file name, chunks) now retained
+        coordinator.replay_limit = self.snapshot_every  # further behind: the snapshot
+        # QoS 0 from the broker to us: our session is clean, so QoS 1 would redeliver
+        # nothing after a reconnect, and costs a PUBACK per result (agents still publish
+        # at QoS 1, acknowledged by the broker).
         for topic_filter in coordinator.subscriptions():
-            transport.subscribe(topic_filter)
+            transport.subscribe(topic_filter, qos=0)
         self.uplink_bytes = 0  # everything agents sent
         self.result_bytes = 0  # their round results: the ZO uplink proper
         self._connects = transport.connects  # to notice a reconnect (the broker came back)
@@ -101,6 +105,7 @@ class MqttFleet:
                 self.transport.publish(topics.model_chunk(self.run_id, self.snapshot[0], index),
                                        b"", retain=True)
         self.snapshot = (name, chunks)
+        c.snapshot_version = c.version
         log.info("snapshot at version %d published (%s)", c.version, name)
 
     def _publish_file(self, name: str, data: bytes) -> int:
@@ -126,12 +131,15 @@ class MqttFleet:
             if self.transport.connects != self._connects and self.transport.connected:
                 self._reconnected()
             message = self.transport.get(timeout=min(left, 0.05))
-            if message is not None:
+            while message is not None:  # then all that is already there, without waiting
                 self.uplink_bytes += len(message.payload)
                 if message.topic.endswith("/result"):
                     self.result_bytes += len(message.payload)
                 self._send(self.coordinator.receive(message.topic, message.payload,
                                                     time.time()))
+                if until and until():
+                    return
+                message = self.transport.get(timeout=0) if time.monotonic() < end else None
 
     def _reconnected(self) -> None:
         """The connection came back, perhaps to a broker that restarted without its

@@ -67,6 +67,10 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
                 engine.weights.add(delta)
             conn.send(engine.fingerprint())
             continue
+        if kind == "state":  # a resumed run: the orchestrator's weights, canonical
+            engine.weights.assign(payload)
+            conn.send(engine.fingerprint())
+            continue
         conn.send(_answer(engine, loaded, Path(model_dir), payload, switch))
 
 
@@ -81,9 +85,9 @@ def _answer(engine: ZoEngine, loaded: dict[str, Shard], model_dir: Path, starts:
         if not sendable(out.loss, out.scalars):
             diverged.append(agent)  # as an agent does: nothing is sent
             continue
-        results.append(encode(Result(agent, start.round, start.seeds, out.scalars,
-                                     out.samples, engine.fingerprint(), out.loss,
-                                     out.seconds, out.queries)))
+        results.append(encode(Result(agent, start.round, out.scalars, out.samples,
+                                     engine.fingerprint(), out.loss, out.seconds,
+                                     out.queries)))
     return results, diverged
 
 
@@ -92,9 +96,7 @@ class WorkerFleet:
 
     def __init__(self, state: ModelState, coordinator: Coordinator, shards: dict[str, Path],
                  micro_batch: int = 64, engine_factory: EngineFactory | None = None,
-                 switch: Switch = use_shard, workers: int | None = None,
-                 history: Sequence[CommitMessage] = (),
-                 deltas: dict[int, Delta] | None = None) -> None:
+                 switch: Switch = use_shard, workers: int | None = None) -> None:
         self.coordinator = coordinator
         self.result_bytes = 0
         self.pool = sorted(shards)
@@ -112,13 +114,21 @@ class WorkerFleet:
             proc.start()
             self._pipes.append(parent)
             self._procs.append(proc)
-        for message in history:  # the workers start from weights.bin, like a new agent
-            self.commit(None, message, (deltas or {}).get(message.commit.round))
+        if coordinator.version > 0:  # resumed: the workers take the orchestrator's state,
+            self._share(state)  # which replayed at most snapshot_every rounds to get there
         for agent in self.pool:
             hello = Hello(agent, Capabilities(0, 1, 0), state.model_sha256, coordinator.version,
                           coordinator.fingerprint)
             coordinator.receive(topics.agent(coordinator.run_id, agent, "hello"), encode(hello),
                                 time.time())
+
+    def _share(self, state: ModelState) -> None:
+        """Every worker's weights set to the state's (the same bits in its own layout)."""
+        for pipe in self._pipes:
+            pipe.send(("state", state.weights))
+        for pipe in self._pipes:
+            if pipe.recv() != self.coordinator.fingerprint:
+                raise RuntimeError("a simulated agent did not take the orchestrator's state")
 
     def participants(self, version: int, choose: Choose) -> list[str]:
         return choose(self.pool, version)

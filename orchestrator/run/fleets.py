@@ -62,6 +62,6 @@ def worker_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coo
     """The pool's clients in worker processes, each with its shard from the run directory."""
     shards: dict[str, Path] = {a: rd.shard(a) for a in pool}
     fleet = WorkerFleet(state, coordinator, shards, config.zo.micro_batch, engine_factory,
-                        switch, workers, history, deltas)
+                        switch, workers)
     stack.callback(fleet.close)
     return fleet

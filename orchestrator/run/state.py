@@ -10,6 +10,7 @@ point and end on the bits of a run that never stopped::
     model/          the forward-only ONNX export made at the pivot
     shards/         every client's shard, the test split and partition.json
     journal         the ZO commits, each fsync'ed before it is broadcast
+    snapshots/      the weights every zo.snapshot_every rounds: resume replays at most that
     agents/<id>/    each local agent's log and state directory
     summary.json    the figures of a finished run
     blackbox/       prompt tuning only: the frozen model the devices query
@@ -53,6 +54,7 @@ from ..train.data import (
 CONFIG, STATE, METRICS, SUMMARY = "config.toml", "state.json", "metrics.jsonl", "summary.json"
 CHECKPOINT, JOURNAL, MODEL, SHARDS, AGENTS = "warmup.pt", "journal", "model", "shards", "agents"
 BLACKBOX = "blackbox"  # prompt tuning: the frozen model its owner serves
+SNAPSHOTS = "snapshots"
 PHASES = ("warmup", "zo", "fo", "bbpt")  # a metrics row's "phase"; fo: first-order ceilings
 
 
@@ -203,6 +205,10 @@ class RunDir:
     def agents(self) -> Path:
         return self.path / AGENTS
 
+    @property
+    def snapshots(self) -> Path:
+        return self.path / SNAPSHOTS
+
     def shard(self, agent_id: str) -> Path:
         return self.path / SHARDS / f"{agent_id}.npz"
 
@@ -261,6 +267,7 @@ def round_policy(config: Config) -> RoundPolicy:
     z = config.zo
     return RoundPolicy(eps=z.eps, lr=z.lr, directions=z.directions, local_steps=z.local_steps,
                        local_lr=z.local_lr, quorum=z.quorum, deadline_s=z.deadline_s,
+                       pool=z.direction_pool,
                        robust=Robustness(z.clip_factor, z.clip_bound, z.clip_window, z.trim))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from ..config import Config
 from ..rounds.loop import RoundLoop, Schedule, run_rounds, start_coordinator
 from ..rounds.model import ModelState
+from ..rounds.snapshots import Snapshots
 from ..train.evaluate import Evaluator
 from .fleets import mqtt_fleet, worker_fleet
 from .hilo import FirstOrderPart, HiLo, saved_deltas
@@ -48,7 +49,8 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
     with ExitStack() as stack:
         journal = open_journal(rd.journal, config.run.name)
         stack.callback(journal.close)
-        state = ModelState.load(rd.model, direction_spec(config), history, deltas)
+        snapshots = Snapshots(rd.snapshots, config.zo.snapshot_every)
+        state = ModelState.load(rd.model, direction_spec(config), history, deltas, snapshots)
         coordinator = start_coordinator(state, config.run.name, config.run.seed,
                                         round_policy(config), history, journal)
         pool = zo_pool(config, plan)
@@ -59,7 +61,7 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
             count = config.fleet.local_agents if local_agents is None else local_agents
             fleet = mqtt_fleet(config, rd, state, coordinator, stack, pool,
                                len(pool) if count is None else count)
-        loop = RoundLoop(state, coordinator, fleet, journal)
+        loop = RoundLoop(state, coordinator, fleet, journal, snapshots)
         evaluator = Evaluator(rd.model, state.manifest, state.weights, plan.dataset.x_test,
                               plan.dataset.y_test, config.eval.batch_size)
 
