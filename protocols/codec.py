@@ -24,6 +24,11 @@ from .errors import ProtocolError
 from .messages import MESSAGE_TYPES, Message
 from .validate import json_object
 
+try:  # the orchestrator's extra: parses a result in a tenth of the time (decode_fast)
+    import orjson
+except ImportError:  # a device: the standard library alone
+    orjson = None
+
 WIRE_VERSION = 3
 MAX_MESSAGE_BYTES = 8 << 20  # ~1.5 M pairs; a 1,000-agent round's commit is ~5.5 KB
 # Agents send small things, and a round start holds one agent's seeds: a large one is
@@ -40,7 +45,7 @@ def encode(message: Message) -> bytes:
 def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("payload must be bytes", "bad_type")
-    data = json_object(payload, "message", max_bytes)
+    data = _flat_object(payload, max_bytes) or json_object(payload, "message", max_bytes)
     version = data.pop("v", None)
     if version != WIRE_VERSION:
         raise ProtocolError(f"wire version {version!r} is not supported (this build speaks "
@@ -54,3 +59,43 @@ def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError(f"{kind} message of {len(payload)} bytes is over its {limit}-byte "
                             "limit", "too_big")
     return cls.from_wire(data)
+
+
+_NUMBERS = (int, float)
+_SCALARS = (int, float, bool, type(None))
+
+
+def _flat_object(payload: bytes | bytearray | memoryview, max_bytes: int) -> dict | None:
+    """The payload's object, parsed by orjson, when the strict reader could not read it
+    otherwise; None to leave it to the strict reader (``validate.json_object``).
+
+    orjson keeps the last of repeated keys where the strict reader refuses them, so this
+    path takes only what cannot hide a repeat: a flat object (values are strings, numbers
+    or lists of numbers: a result, a status, a sync request) with no backslash anywhere.
+    Its quotes are then exactly two per key and per string value, so a repeated key shows
+    as quotes the parsed object does not account for. Anything else, a parse error
+    included, goes to the strict reader, whose verdict and refusal code then stand.
+    Results are most of what the orchestrator receives.
+    """
+    if orjson is None or len(payload) > max_bytes:
+        return None
+    raw = bytes(payload)
+    if b"\\" in raw:
+        return None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict:
+        return None
+    strings = 0
+    for value in data.values():
+        kind = type(value)
+        if kind is str:
+            strings += 1
+        elif kind is list:
+            if not all(type(x) in _NUMBERS for x in value):
+                return None
+        elif kind not in _SCALARS:
+            return None
+    return data if raw.count(b'"') == 2 * (len(data) + strings) else None

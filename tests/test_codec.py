@@ -377,3 +377,40 @@ def test_topic_layout_and_agent_topic_parsing():
 ])
 def test_topic_filter_matching(flt, topic, want):
     assert topics.matches(flt, topic) is want
+
+
+def _both_ways(payload: bytes) -> tuple:
+    """What decoding gives with orjson's fast path for flat objects, and without it."""
+    import protocols.codec as codec
+
+    def run():
+        try:
+            return decode(payload)
+        except ProtocolError as exc:
+            return exc.code
+    fast = run()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(codec, "orjson", None)
+        return fast, run()
+
+
+@given(messages, st.data())
+@settings(max_examples=200, deadline=None)
+def test_the_fast_reader_decides_as_the_strict_one(message, data):
+    pytest.importorskip("orjson")
+    body = json.loads(encode(message))
+    key = data.draw(st.sampled_from(sorted(body)))
+    body[key] = data.draw(json_values)
+    for payload in (encode(message), json.dumps(body).encode()):
+        fast, strict = _both_ways(payload)
+        assert fast == strict
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"v":3,"type":"status","agent_id":"a","agent_id":"b","state":"online"}',
+    b'{"v":3,"type":"status","agent_id":"a","\\u0061gent_id":"b","state":"online"}',
+    b'{"v":3,"type":"status","agent_id":"a","state":"online","state":"offline"}',
+    b'{"v":3,"type":"status","agent_id":"a","state":"online","v":3}',
+])
+def test_a_repeated_key_is_refused_whichever_reader_reads_it(payload):
+    assert _both_ways(payload) == ("bad_json", "bad_json")
