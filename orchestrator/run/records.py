@@ -66,7 +66,10 @@ class RoundRecorder:
             return
         scores = evaluate() if schedule.evaluates(version) else dict(NOT_EVALUATED)
         per_client = self.coordinator.policy.directions * self.coordinator.policy.local_steps
-        answered = len({seed for seed, _ in history[-1].commit.pairs}) // max(1, per_client)
+        # the participants whose slots the commit names (a pool that wrapped: at least these)
+        slots, pairs = history[-1].slots, history[-1].commit.pairs
+        answered = (len({t // per_client for t in slots.slots}) if slots is not None
+                    else len({seed for seed, _ in pairs}) // max(1, per_client))
         log.info("round %d: its metrics were lost in the stop; written again", global_round)
         self.rd.log_metrics({"round": global_round, "phase": self.phase, **scores,
                              "participants": 0, "answered": answered, "recovered": True,
