@@ -258,8 +258,11 @@ def _start(config, local_agents: int | None, fresh: bool, simulate: bool = False
 @run_options
 @click.option("--simulate", is_flag=True, help="ZO rounds in process, without a broker or "
               "agent processes: the same coordinator and agent engine, the same bits, faster.")
+@click.option("--estimate", is_flag=True, help="Run nothing: time a few forward passes and a "
+              "warm-up step here (the config's model, engine and device) and print the "
+              "predicted time of each phase.")
 def run(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: Path | None,
-        verbose: bool, simulate: bool) -> None:
+        verbose: bool, simulate: bool, estimate: bool) -> None:
     """Run a whole ZOWarmUp job from one config file, on this machine.
 
     Partitions the data, warms the model up with FedAvg/FedAdam on the high-resource
@@ -272,13 +275,33 @@ def run(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: 
     Example:
       zowarmup run examples/quickstart.toml
       zowarmup run examples/quickstart.toml --set zo.rounds=100 --out runs/longer
+      zowarmup run examples/cifar10-resnet18.toml --simulate --set zo.engine=torch --estimate
     """
     _setup_logging(verbose)
     try:
         config = _load(config_file, overrides, broker, out)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
+    if config.zo.engine == "torch" and not simulate:
+        raise click.UsageError("zo.engine = \"torch\" computes the clients in this process: "
+                               "add --simulate (over MQTT the agents run their own engine)")
+    if estimate:
+        _estimate(config, simulate)
+        return
     _start(config, None, fresh=True, simulate=simulate)
+
+
+def _estimate(config, simulate: bool) -> None:
+    from .run.estimate import estimate
+    try:
+        result = estimate(config, simulate)
+    except ZoError as exc:
+        raise click.ClickException(str(exc)) from None
+    mode = f"simulated, zo.engine = {config.zo.engine}" if simulate else "agents over MQTT"
+    click.echo(f"estimate for {config.run.name}: {config.model.name}, run.device = "
+               f"{config.run.device}, {mode}")
+    for line in result.lines():
+        click.echo(line)
 
 
 @main.command()

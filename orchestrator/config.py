@@ -48,6 +48,7 @@ DATASETS = ("digits", "cifar10", "npz", "bbc-news")
 PROMPTS = ("continuous", "discrete")
 BLACKBOXES = ("remote", "local")
 DISTRIBUTIONS = ("rademacher", "gaussian")
+ENGINES = ("onnxruntime", "torch")  # zo.engine: what computes a simulated run's clients
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
 _SPLIT = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*")
@@ -135,6 +136,7 @@ class ZoSection:
     clip_bound: float = 0.0  # > 0: a fixed bound on every scalar instead
     clip_window: int = 20  # rounds in that running median
     trim: float = 0.0  # trimmed mean: share of each round's scalars dropped at each end
+    engine: str = "onnxruntime"  # simulated clients: the agent's engine, or torch (GPU)
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,7 @@ RULES: dict[str, dict[str, _Rule]] = {
                               extra=" (0 = derived: clip_factor x running median |g|)"),
         "clip_window": _ints(1, 10_000),
         "trim": _floats(0.0, 0.5, lo_open=False, hi_open=True),
+        "engine": _choice(ENGINES),
     },
     "eval": {
         "every": _ints(1),
@@ -641,6 +644,11 @@ def _cross_checks(config: Config, where: str) -> None:
                           "(leave it out for one per client)", "fleet.local_agents")
     _check_fleet(fleet, where)
     _check_bbpt(config, where)
+    if zo.engine == "torch" and run.method == "bbpt":
+        raise ConfigError(f"{where}: zo.engine = \"torch\" runs the zoo model's clients; "
+                          "prompt tuning (run.method = \"bbpt\") queries a black box, so its "
+                          "clients run the agent's engine: leave zo.engine out",
+                          "zo.engine")
 
 
 def _check_zo_clients(config: Config, where: str) -> None:

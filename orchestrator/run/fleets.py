@@ -3,7 +3,8 @@
 
 Over MQTT: the embedded broker unless ``fleet.broker`` names one, the orchestrator's own
 identity, the model published, and one local ``zowarmup-agent`` process per client unless
-the devices are remote. In process: the agent's engine in worker processes.
+the devices are remote. In process (``--simulate``, experiments): the agent's engine in
+worker processes, or with ``zo.engine = "torch"`` one torch engine on the run's device.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from ..fleet.broker import EmbeddedBroker
 from ..fleet.mosquitto import agent_identity, orchestrator_identity
 from ..rounds.model import Delta, ModelState
 from ..rounds.mqtt import MqttFleet, connect
+from ..rounds.torch_fleet import TorchFleet
 from ..rounds.workers import EngineFactory, Switch, WorkerFleet, use_shard
+from ..train.fedavg import resolve_device
 from .state import RunDir
 
 log = logging.getLogger("zowarmup.run")
@@ -63,5 +66,21 @@ def worker_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coo
     shards: dict[str, Path] = {a: rd.shard(a) for a in pool}
     fleet = WorkerFleet(state, coordinator, shards, config.zo.micro_batch, engine_factory,
                         switch, workers)
+    stack.callback(fleet.close)
+    return fleet
+
+
+def simulated_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coordinator,
+                    stack: ExitStack, pool: list[str], history: list,
+                    workers: int | None = None,
+                    deltas: dict[int, Delta] | None = None) -> WorkerFleet | TorchFleet:
+    """The fleet of a simulated run: ``zo.engine`` chooses the agent's own engine in worker
+    processes, or the torch engine on ``run.device`` (CUDA when present with "auto")."""
+    if config.zo.engine != "torch":
+        return worker_fleet(config, rd, state, coordinator, stack, pool, history, workers,
+                            deltas)
+    fleet = TorchFleet(state, coordinator, {a: rd.shard(a) for a in pool},
+                       resolve_device(config.run.device), config.model.width,
+                       config.zo.micro_batch)
     stack.callback(fleet.close)
     return fleet

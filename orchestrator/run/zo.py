@@ -17,7 +17,7 @@ from ..rounds.loop import RoundLoop, Schedule, run_rounds, start_coordinator
 from ..rounds.model import ModelState
 from ..rounds.snapshots import Snapshots
 from ..train.evaluate import Evaluator
-from .fleets import mqtt_fleet, worker_fleet
+from .fleets import mqtt_fleet, simulated_fleet
 from .hilo import FirstOrderPart, HiLo, saved_deltas
 from .progress import Progress
 from .records import RoundRecorder
@@ -42,6 +42,10 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
         raise RunError("run.method = \"zowarmup-hi-fo\" runs only simulated (--simulate, or "
                        "zowarmup experiment): its high-resource clients send whole models "
                        "every round")
+    if config.zo.engine == "torch" and not simulate:
+        raise RunError("zo.engine = \"torch\" computes the clients in this process: run it "
+                       "simulated (--simulate, or zowarmup experiment); over MQTT the agents "
+                       "run their own engine")
     history = journal_commits(rd.journal)
     rd.keep_metrics(below_round=plan.warmup_rounds + len(history))
     progress.skip(plan.warmup_rounds + len(history))
@@ -55,8 +59,8 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
                                         round_policy(config), history, journal)
         pool = zo_pool(config, plan)
         if simulate:
-            fleet = worker_fleet(config, rd, state, coordinator, stack, pool, history,
-                                 workers, deltas)
+            fleet = simulated_fleet(config, rd, state, coordinator, stack, pool, history,
+                                    workers, deltas)
         else:
             count = config.fleet.local_agents if local_agents is None else local_agents
             fleet = mqtt_fleet(config, rd, state, coordinator, stack, pool,
