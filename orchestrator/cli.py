@@ -474,9 +474,15 @@ def partition(config_file: Path, out: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Runs at once, each in its own process (on a machine with many cores). "
                    "The results do not depend on it.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="Run each run of the grid as a task on a Ray cluster (one GPU per run where "
+                   "it has GPUs): --ray alone starts a local Ray (with --jobs N CPUs, else "
+                   "all) and stops it after; --ray=ADDRESS joins a running cluster. Needs "
+                   "pip install 'zowarmup[ray]'.")
 @click.option("-v", "--verbose", is_flag=True)
 def experiment(grid_file: Path, results: Path | None, overrides: tuple[str, ...],
-               jobs: int, verbose: bool) -> None:
+               jobs: int, ray_address: str | None, verbose: bool) -> None:
     """Run a grid of configurations x seeds and print one table.
 
     GRID names a base config, the seeds, the axes to sweep and the methods; see
@@ -487,12 +493,14 @@ def experiment(grid_file: Path, results: Path | None, overrides: tuple[str, ...]
     \b
     Example:
       zowarmup experiment docs/results/table2-digits.toml --results docs/results
+      zowarmup experiment GRID --ray              (a local Ray, every core)
+      zowarmup experiment GRID --ray=HOST:6379    (a Ray cluster; experiment.out shared)
     """
     from .experiment import command_line, load_grid, markdown, run_grid, write_results
     _setup_logging(verbose)
     try:
         grid = load_grid(grid_file, overrides)
-        rows = run_grid(grid, jobs)
+        rows = run_grid(grid, jobs, ray_address)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(markdown(grid, rows))

@@ -33,6 +33,8 @@ diverged run counts as the worst) is used for the table's runs, on all the train
 Every run is an ordinary run directory (simulated ZO phase, same bits as over MQTT), so
 ``zowarmup report`` reads any of them, and a stopped experiment picks up where it stopped:
 finished runs are kept. The table gives the final test accuracy as mean (std) over seeds.
+Runs go one after another, ``jobs`` at once in processes of this machine, or with ``ray``
+as tasks on a Ray cluster (``cluster.py``); a run's bits do not depend on which.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch
 
 from protocols.errors import ZoError
 
+from .cluster import LOCAL, RayCluster, ray_cluster
 from .config import Config, load_config
 from .run.job import execute
 from .run.state import SUMMARY, Diverged
@@ -205,23 +208,34 @@ def _search(table: object, methods: dict, path: Path) -> Search:
     return Search(validation, tuple(seeds), spaces)
 
 
-def run_grid(grid: Grid, jobs: int = 1) -> list[dict]:
+def run_grid(grid: Grid, jobs: int = 1, ray: str | None = None) -> list[dict]:
     """Run the search (if any) and every cell not finished yet; one row per setting/method.
 
-    ``jobs`` runs that many cells at once, each in its own process. Every run trains with
-    one torch thread whatever ``jobs`` is, so its bits do not depend on how the grid ran.
+    ``jobs`` runs that many cells at once, each in its own process; ``ray`` (an address, or
+    ``"local"`` for an instance started here with ``jobs`` CPUs, all if 1) runs each cell
+    as a Ray task instead. Every run trains with one torch thread however it is run, so
+    its bits do not depend on how the grid ran.
     """
     logging.getLogger("zowarmup.progress").setLevel(logging.WARNING)  # a line per run instead
-    chosen = search(grid, jobs) if grid.search else {}
-    _run_all(grid, grid.cells(chosen), jobs, search=False)
+    if ray is not None:
+        with ray_cluster(ray, jobs if ray == LOCAL and jobs > 1 else None) as cluster:
+            return _run_grid(grid, jobs, cluster)
+    return _run_grid(grid, jobs, None)
+
+
+def _run_grid(grid: Grid, jobs: int, cluster: RayCluster | None) -> list[dict]:
+    chosen = search(grid, jobs, cluster) if grid.search else {}
+    _run_all(grid, grid.cells(chosen), jobs, search=False, cluster=cluster)
     return table_rows(grid, chosen)
 
 
-def search(grid: Grid, jobs: int = 1) -> dict[tuple[Overrides, str], Overrides]:
+def search(grid: Grid, jobs: int = 1, cluster: RayCluster | None = None
+           ) -> dict[tuple[Overrides, str], Overrides]:
     """Run every search cell; the chosen values per (setting, method)."""
     assert grid.search is not None
     pairs = [(setting, method) for setting in grid.settings() for method in grid.methods]
-    _run_all(grid, [c for s, m in pairs for c in grid.search_cells(s, m)], jobs, search=True)
+    _run_all(grid, [c for s, m in pairs for c in grid.search_cells(s, m)], jobs, search=True,
+             cluster=cluster)
     chosen = {}
     for setting, method in pairs:
         chosen[(setting, method)] = best_candidate(grid, grid.search_cells(setting, method))
@@ -230,7 +244,8 @@ def search(grid: Grid, jobs: int = 1) -> dict[tuple[Overrides, str], Overrides]:
     return chosen
 
 
-def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool) -> None:
+def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool,
+             cluster: RayCluster | None = None) -> None:
     """Run the cells not finished yet; a cell whose run would be the same as an earlier
     one's (ZO from scratch ignores the split) links to that run instead of repeating it."""
     kind = "search" if search else "run"
@@ -245,7 +260,11 @@ def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool) -> None:
             first[key] = cell
             if not _finished(grid, cell, search):
                 todo.append((i, cell))
-    if jobs <= 1:
+    if cluster is not None:
+        cluster.run(_task, [_task_args(grid, cell, f"{kind} {i}/{len(cells)}", search)
+                            for i, cell in todo])
+        _check_visible(grid, [cell for _, cell in todo], search)
+    elif jobs <= 1:
         for i, cell in todo:
             _run(grid, cell, f"{kind} {i}/{len(cells)}", search)
     else:
@@ -306,12 +325,38 @@ def _finished(grid: Grid, cell: Cell, search: bool) -> bool:
 
 def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
          workers: int | None = None) -> None:
-    torch.set_num_threads(1)
+    if not _finished(grid, cell, search):
+        run_config(*_task_args(grid, cell, label, search), workers)
+
+
+def _task_args(grid: Grid, cell: Cell, label: str, search: bool
+               ) -> tuple[Config, Path, str, bool]:
+    """What a run needs wherever it runs: its resolved config and its directory."""
     root = grid.search_root() if search else grid.out
-    run_dir = cell.directory(root)
-    if _finished(grid, cell, search):
-        return
     config = grid.config(cell, grid.search.validation if search else 0.0, root)
+    return config, cell.directory(root), label, search
+
+
+def _task(config: Config, run_dir: Path, label: str, search: bool) -> None:
+    """One run as a Ray task: in a worker process of any node, as a ``--jobs`` process."""
+    _job_logging()
+    run_config(config, run_dir, label, search, 1)
+
+
+def _check_visible(grid: Grid, cells: list[Cell], search: bool) -> None:
+    for cell in cells:
+        if not _finished(grid, cell, search):
+            where = cell.directory(grid.search_root() if search else grid.out)
+            raise ExperimentError(f"{where}: the run finished on the Ray cluster, but its "
+                                  "directory is not here; on several machines "
+                                  "experiment.out must be on a file system every node "
+                                  "mounts at the same path")
+
+
+def run_config(config: Config, run_dir: Path, label: str, search: bool = False,
+               workers: int | None = None) -> None:
+    """One run of a grid; a diverged run is recorded as its cell's result."""
+    torch.set_num_threads(1)
     log.info("%s: %s", label, run_dir)
     try:
         summary = execute(config, run_dir, simulate=True, workers=workers)

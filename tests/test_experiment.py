@@ -187,3 +187,19 @@ def test_a_table_run_that_diverges_is_reported_not_fatal(tmp_path, monkeypatch):
     assert "diverged (1/1)" in markdown(grid, rows)
     files = write_results(grid, rows, tmp_path / "results", "zowarmup experiment grid.toml")
     assert json.loads(files[1].read_text())[1]["diverged_seeds"] == [0]
+
+
+def test_ray_without_its_extra_is_a_clear_error_before_any_run(tmp_path, monkeypatch):
+    """--ray needs Ray, an extra of its own; without it nothing runs and the message says
+    what to install."""
+    import sys
+
+    from orchestrator.cluster import ClusterError
+    from orchestrator.experiment import load_grid, run_grid
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where it is absent
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "grid.toml").write_text(GRID.format(out=tmp_path / "runs"))
+    with pytest.raises(ClusterError, match=r"zowarmup\[ray\]"):
+        run_grid(load_grid(tmp_path / "grid.toml"), jobs=2, ray="local")
+    assert not (tmp_path / "runs").exists()
