@@ -236,7 +236,8 @@ class MqttTransport:
         if self._started:
             raise MqttError("connect() was already called")
         deadline = time.monotonic() + timeout
-        self.client.connect_timeout = max(timeout, 0.1)
+        if self.client.connect_timeout != max(timeout, 0.1):  # paho refuses any change once
+            self.client.connect_timeout = max(timeout, 0.1)  # an attempt failed: retry as is
         log.info("connecting to %s as %s (MQTT %s)", self.broker, self.client_id, self.protocol)
         try:
             self.client.connect(self.broker.host, self.broker.port, self.keepalive)

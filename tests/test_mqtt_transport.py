@@ -233,6 +233,26 @@ def test_connect_to_a_closed_port_raises_a_clear_error():
         holder.close()
 
 
+def test_connect_succeeds_once_the_broker_comes_up(tmp_path):
+    """A device that boots before its broker: the agent's first attempts are refused,
+    and the same transport connects once the broker listens (paho would otherwise refuse
+    the retry itself, and the agent would die)."""
+    from tests.brokers import MosquittoBroker
+    broker = MosquittoBroker(tmp_path)
+    broker.port = free_port()
+    t = MqttTransport(f"mqtt://127.0.0.1:{broker.port}")
+    try:
+        for _ in range(2):
+            with pytest.raises(ConnectFailed):
+                t.connect(timeout=5)
+        broker.start()
+        t.connect(timeout=5)
+        assert t.connected
+    finally:
+        t.close()
+        broker.stop()
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_refused_connection_says_why(mosquitto_factory, protocol):
     closed = mosquitto_factory(["allow_anonymous false"])
