@@ -174,6 +174,7 @@ def _run_daemon(settings: Resolved) -> None:
     from protocols.errors import ZoError
 
     from .daemon import AgentConfig, AgentDaemon
+    from .lifeline import exit_with_parent
     from .mqtt import Tls
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -188,6 +189,7 @@ def _run_daemon(settings: Resolved) -> None:
     except (ZoError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    exit_with_parent()  # only where an orchestrator started us (ZOWARMUP_PARENT_PID)
     try:
         daemon.run()
     except KeyboardInterrupt:

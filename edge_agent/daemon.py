@@ -31,6 +31,11 @@ from .shard import load_shard
 
 log = logging.getLogger("zowarmup.agent")
 BLACKBOX_ENV = "ZOWARMUP_BLACKBOX"
+# MQTT keep-alive: with nothing else to send, the agent pings every 15 s, and the broker
+# closes a connection silent for 1.5 keep-alives, then publishes the agent's last will
+# (status offline). So a device that loses power or its network is known offline within
+# 22.5 s; a process that dies is known at once (its socket closes).
+KEEPALIVE_S = 15
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ class AgentDaemon:
         self.transport = MqttTransport(
             config.broker, client_id=f"zowarmup-{config.run_id}-{config.agent_id}",
             protocol=config.protocol, username=config.username, password=config.password,
-            tls=config.tls, will=Will(will.topic, will.payload, retain=will.retain))
+            tls=config.tls, will=Will(will.topic, will.payload, retain=will.retain),
+            keepalive=KEEPALIVE_S)
         self._connects_seen = 0
 
     # --- lifecycle ---------------------------------------------------------------------

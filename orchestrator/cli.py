@@ -6,6 +6,8 @@ answers at once.
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -235,27 +237,77 @@ def _load(config_file: Path, overrides: tuple[str, ...], broker: str | None,
     return load_config(config_file, extra)
 
 
+def metrics_options(f: Callable) -> Callable:
+    """--metrics-port/--metrics-host, handed to ``_start`` through the click context (the
+    commands' own signatures stay as they are)."""
+
+    @functools.wraps(f)
+    def command(*args, metrics_port: int | None, metrics_host: str, **kwargs):
+        click.get_current_context().meta["zowarmup.metrics"] = (metrics_port, metrics_host)
+        return f(*args, **kwargs)
+
+    command = click.option("--metrics-host", default="127.0.0.1", show_default=True,
+                           metavar="ADDR", help="Address of --metrics-port (0.0.0.0: every "
+                           "interface, for a Prometheus on another machine).")(command)
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                        metavar="PORT", help="Serve the run's figures (those of `zowarmup "
+                        "status`) for Prometheus at http://ADDR:PORT/metrics while it "
+                        "runs (0: a free port, logged).")(command)
+
+
+def _metrics_server(run_dir: Path):
+    """The --metrics-port endpoint, if asked for; a port that cannot be had stops the
+    command before anything runs."""
+    port, host = click.get_current_context().meta.get("zowarmup.metrics", (None, None))
+    if port is None:
+        return None
+    from .run.exporter import MetricsServer
+    try:
+        server = MetricsServer(run_dir, port, host)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc}") from None
+    click.echo(f"metrics for Prometheus at {server.url}", err=True)
+    return server
+
+
 def _start(config, local_agents: int | None, fresh: bool, simulate: bool = False) -> None:
+    """Run or resume the job. Ctrl-C and SIGTERM stop it the same way: the round in
+    progress abandoned (never a torn journal record), the local agents and the embedded
+    broker stopped, and a line that says how to go on."""
     import json
+    import signal
 
     from .run.job import execute
     from .run.state import SUMMARY, RunDir
+    from .run.stopping import Stopped, stop_on_signals
     run_dir = Path(config.run.out)
     state = RunDir(run_dir).state()
     if fresh and state.get("phase") != "new":
         raise click.ClickException(
             f"{run_dir} already holds a run ({state.get('phase')}); continue it with "
             f"`zowarmup resume {run_dir}`, or pick another directory with --out")
+    metrics = _metrics_server(run_dir)
+    restore = stop_on_signals()
     try:
         summary = execute(config, run_dir, local_agents=local_agents, simulate=simulate)
     except ZoError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        click.echo(f"stopped by {signal.Signals(signum).name}; every committed round is kept "
+                   f"in {run_dir}: continue with `zowarmup resume {run_dir}`", err=True)
+        sys.exit(128 + signum)
+    finally:
+        restore()
+        if metrics is not None:
+            metrics.stop()
     click.echo(json.dumps(summary, indent=2))
     click.echo(f"run directory: {run_dir} (summary in {run_dir / SUMMARY})")
 
 
 @main.command()
 @run_options
+@metrics_options
 @click.option("--simulate", is_flag=True, help="ZO rounds in process, without a broker or "
               "agent processes: the same coordinator and agent engine, the same bits, faster.")
 @click.option("--estimate", is_flag=True, help="Run nothing: time a few forward passes and a "
@@ -306,6 +358,7 @@ def _estimate(config, simulate: bool) -> None:
 
 @main.command()
 @run_options
+@metrics_options
 def serve(config_file: Path, overrides: tuple[str, ...], broker: str | None, out: Path | None,
           verbose: bool) -> None:
     """Like `run`, but the agents are remote devices: none is started here.
@@ -327,6 +380,7 @@ def serve(config_file: Path, overrides: tuple[str, ...], broker: str | None, out
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--broker", default=None, metavar="URL", help="Use this broker from now on.")
 @click.option("-v", "--verbose", is_flag=True)
+@metrics_options
 def resume(run_dir: Path, broker: str | None, verbose: bool) -> None:
     """Continue a stopped run from its directory, to the bits of a run that never stopped.
 
@@ -362,6 +416,53 @@ def broker(host: str, port: int) -> None:
         _wait_for_stop()
     finally:
         embedded.stop()
+        click.echo(f"broker on {embedded.url} stopped")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--broker", default=None, metavar="URL",
+              help="Also read from this broker which agents are connected now (their "
+                   "retained status), as the run's orchestrator identity.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status(run_dir: Path, broker: str | None, as_json: bool) -> None:
+    """How a run stands, live or finished.
+
+    The run's phase, round, test accuracy and ETA, whether its process is still there, and
+    each agent's state (online, catching up, offline, and why), when it was last heard
+    from, how many commits it is behind, the rounds it answered and missed, and its
+    messages refused by reason. A live run's fleet is as of its last round (the
+    orchestrator replaces RUN_DIR/fleet.json after each); --broker adds who is connected
+    right now.
+    """
+    import json
+
+    from .run.status import add_broker_view, broker_statuses, read_status, table
+    try:
+        view = read_status(run_dir)
+        if broker:
+            add_broker_view(view, broker_statuses(broker, view["run"], _identity(run_dir)))
+    except (FileNotFoundError, ZoError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a broker unreachable, a bad URL: say so
+        raise click.ClickException(f"cannot read the agents' status from {broker}: "
+                                   f"{exc}") from None
+    if as_json:
+        click.echo(json.dumps(view, indent=2, sort_keys=True))
+        return
+    for line in table(view):
+        click.echo(line)
+
+
+def _identity(run_dir: Path) -> tuple:
+    """The run's orchestrator identity on its broker (user, password, TLS files), or an
+    anonymous one when the run's configuration no longer loads here."""
+    from .config import load_config
+    from .fleet.mosquitto import orchestrator_identity
+    try:
+        return orchestrator_identity(load_config(run_dir / "config.toml").fleet)
+    except (ZoError, OSError, KeyError):
+        return None, None, None
 
 
 def _wait_for_stop() -> None:

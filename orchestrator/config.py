@@ -156,7 +156,8 @@ class FleetSection:
     username: str = ""
     password: str = ""
     tls_ca: str = ""
-    join_timeout_s: float = 120.0
+    join_timeout_s: float = 120.0  # the first ZO round's wait for the fleet to join
+    max_missed_rounds: int = 2  # rounds in a row an agent may not answer before it is offline
     tls_cert: str = ""  # the orchestrator's client certificate, for brokers that ask for one
     tls_key: str = ""
     credentials: str = ""  # a `zowarmup broker-config` directory: every identity, from there
@@ -385,6 +386,7 @@ RULES: dict[str, dict[str, _Rule]] = {
         "tls_key": _text("the path of the client certificate's key file, or \"\""),
         "credentials": _text("the directory `zowarmup broker-config` wrote, or \"\""),
         "join_timeout_s": _floats(0.0),
+        "max_missed_rounds": _ints(1, 1000),
     },
     "bbpt": {
         "prompt": _choice(PROMPTS),

@@ -346,9 +346,22 @@ class Coordinator:
         if status.state == "online":
             record.online, record.offline_reason, record.last_seen = True, "", now
             self._gone.discard(status.agent_id)
-        else:
-            self._went_offline(status.agent_id, "its status or last will said offline")
+            return self._start_again(status.agent_id)
+        self._went_offline(status.agent_id, "its status or last will said offline")
         return []
+
+    def _start_again(self, agent_id: str) -> list[Send]:
+        """An agent (re)connected while the open round waits for its result. An agent says
+        online once per connection, and this coordinator reads every retained status again
+        after its own reconnect (``connection_lost``): either way, the round's start or the
+        agent's result may have been lost with a connection, so the start goes out again.
+        The agent computes it once it holds the round's state; a second result for the round
+        is refused as a duplicate, and costs nothing else."""
+        r = self._round
+        if r is None or agent_id not in r.plan.assignments or agent_id in r.results:
+            return []
+        return [Send(topics.agent(self.run_id, agent_id, "inbox"),
+                     encode(r.plan.start_for(agent_id)), qos=0)]
 
     def _on_sync(self, request: SyncRequest, now: float) -> list[Send]:
         if request.agent_id not in self.agents:

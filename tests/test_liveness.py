@@ -110,3 +110,17 @@ def test_refusals_are_counted_per_agent_by_reason():
     fleet.round()
     c.receive(topics.agent(RUN, "a0", "result"), b"{not json", fleet.now)
     assert sum(c.agents["a0"].refused.values()) == 1 and not c.agents["a1"].refused
+
+
+def test_an_agent_back_while_a_round_waits_for_it_gets_its_start_again():
+    """Its connection dropped with the round's start (or its result) in flight: when it
+    says online again, the start is sent again, and the round closes with its result."""
+    fleet = Fleet(3)
+    c = fleet.coord
+    fleet.round()
+    fleet.disconnect("a2")
+    fleet.open(c.draw(everyone))  # a2's start is lost: it is not connected
+    fleet.pump()
+    assert sorted(c.round_results()) == ["a0", "a1"] and not c.ready(fleet.now)
+    fleet.connect("a2")  # status online, then hello: the start comes again
+    assert sorted(c.round_results()) == ["a0", "a1", "a2"] and c.ready(fleet.now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -233,3 +234,98 @@ def test_a_stop_between_the_journal_and_the_metrics_loses_no_round(config_file, 
     assert [r["round"] for r in rows] == [json.loads(line)["round"] for line in lines]
     assert rows[-1]["recovered"] and rows[-1]["test_acc"] == last["test_acc"]
     assert summary_of(out)["final_acc"] == last["test_acc"]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    """Every sample of a Prometheus endpoint, parsed by the client library's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+def test_sigterm_mid_round_stops_every_process_and_resume_gives_the_same_bits(
+        embedded_run, config_file, tmp_path):
+    """SIGTERM to `zowarmup run` (only to it, as `kill` and systemd send it) during the ZO
+    rounds: it exits 143 with a line saying how to resume, no agent process is left and the
+    embedded broker's port is closed, the journal has no torn record, and resume ends on
+    the bits of the run that never stopped. `status` and the metrics endpoint tell the
+    live run, the stopped one and the finished one apart."""
+    from tests.brokers import free_port
+    out, port = tmp_path / "terminated", free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(config_file),
+                             "--out", str(out), "--metrics-port", str(port)],
+                            cwd=config_file.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        end = time.time() + 120
+        while time.time() < end and not ((out / "journal").exists() and
+                                         len(read_journal(out / "journal").commits) >= 3):
+            time.sleep(0.05)
+        agents = children(proc.pid)
+        for pid in agents:  # frozen: the next round stays open while we look at the run
+            os.kill(pid, signal.SIGSTOP)
+        live = json.loads(zowarmup("status", str(out), "--json", cwd=tmp_path).stdout)
+        metrics = scrape(port)
+        cmdline = Path(f"/proc/{agents[0]}/cmdline").read_text().split("\0")
+        broker_url = next(a for a in cmdline if a.startswith("mqtt://"))
+        proc.send_signal(signal.SIGTERM)  # mid-round
+        for pid in agents:  # so that they hear the SIGTERM the orchestrator sends them
+            os.kill(pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert live["phase"] == "zo" and live["orchestrator"]["state"] == "running", live
+    assert sorted(live["agents"]) == [f"client-{i:03d}" for i in range(4)]
+    assert {a["state"] for a in live["agents"].values()} == {"online"}
+    assert metrics[("zowarmup_agents", (("state", "online"),))] == 4
+    assert metrics[("zowarmup_rounds_done", ())] >= 3 + 3  # warm-up, then ZO rounds
+    assert metrics[("zowarmup_orchestrator_up", ())] == 1
+    assert metrics[("zowarmup_agent_rounds_answered_total", (("agent", "client-002"),))] >= 3
+
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert f"zowarmup resume {out}" in err
+    assert len(agents) == 4 and not [p for p in agents if alive(p)]
+    host, broker_port = broker_url.rsplit("/", 1)[1].split(":")
+    with pytest.raises(OSError):  # the embedded broker (a thread of the run) is gone
+        socket.create_connection((host, int(broker_port)), timeout=2).close()
+    journal = read_journal(out / "journal")
+    assert journal.torn_bytes == 0 and 3 <= len(journal.commits) < 12
+    stopped = zowarmup("status", str(out), cwd=tmp_path)
+    assert "orchestrator stopped" in stopped.stdout and "zowarmup resume" in stopped.stdout
+
+    done = zowarmup("resume", str(out), cwd=config_file.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert summary_of(out)["final_sha256"] == summary_of(embedded_run)["final_sha256"]
+    finished = json.loads(zowarmup("status", str(out), "--json", cwd=tmp_path).stdout)
+    assert (finished["phase"], finished["round"], finished["rounds"]) == ("done", 15, 15)
+    assert finished["orchestrator"]["state"] == "finished" and finished["eta_s"] == 0
+    assert finished["test_acc"] == summary_of(out)["final_acc"]
+    assert all(a["answered"] >= 1 and a["behind"] == 0 for a in finished["agents"].values())
+    text = zowarmup("status", str(out), cwd=tmp_path).stdout
+    assert "phase done, round 15 of 15" in text and "client-003  online" in text

@@ -3,6 +3,11 @@
 ``zowarmup run`` starts them so the main job runs end to end on one machine over real
 MQTT, with exactly the code a Raspberry Pi runs. Each agent logs to its own file and keeps
 its model in its own state directory under the run directory.
+
+They never outlive the orchestrator: they stay in its process group and session (Ctrl-C in
+the terminal, or a signal to the group, reaches them too), :meth:`LocalAgents.stop` ends
+them on every way out of a run, and each watches its parent (``edge_agent/lifeline.py``),
+so a killed orchestrator takes them with it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.lifeline import PARENT_ENV
 from edge_agent.native import NativeUnsupported, compile_native
 from protocols.manifest import load_manifest
 
@@ -58,7 +64,7 @@ class LocalAgents:
                *self.extra_args]
         own_args, own_env = self.identity(agent_id) if self.identity else ([], {})
         cmd += own_args
-        env = {**os.environ, **self.env, **own_env,
+        env = {**os.environ, **self.env, **own_env, PARENT_ENV: str(os.getpid()),
                "PYTHONPATH": _package_root(os.environ.get("PYTHONPATH"))}
         with open(home / "agent.log", "ab") as out:
             self.procs[agent_id] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

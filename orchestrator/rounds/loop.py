@@ -28,6 +28,7 @@ from protocols.topics import Send
 from protocols.zo import Commit
 
 from ..run.state import Diverged
+from ..run.stopping import shielded
 from .model import Delta, ModelState
 from .snapshots import Snapshots
 
@@ -119,7 +120,8 @@ class RoundLoop:
         fp = self.state.fingerprint()
         message = c.commit_message(commit, fp)
         if self.journal is not None:
-            self.journal.append_commit(message, c.closing_scale)
+            with shielded():  # a stop signal now waits for the whole record
+                self.journal.append_commit(message, c.closing_scale)
             if self.snapshots is not None and self.snapshots.due(commit.round + 1):
                 self.snapshots.write(commit.round + 1, self.state.flat, fp)
         broadcast = c.committed(commit, fp)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edge_agent.engine import ZoEngine
+from edge_agent.lifeline import exit_with_parent
 from edge_agent.shard import Shard, load_shard
 from protocols import topics
 from protocols.codec import decode, encode
@@ -48,6 +50,7 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
             micro_batch: int, engine_factory: EngineFactory | None = None,
             switch: Switch = use_shard) -> None:
     """One process: an engine, its clients' shards, and a loop of round -> results."""
+    exit_with_parent(os.getppid())  # a killed orchestrator leaves no worker behind
     manifest = load_manifest(Path(model_dir))
     loaded = {a: load_shard(Path(p), manifest) for a, p in shards.items()}
     first = next(iter(loaded.values()))

@@ -40,10 +40,12 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     if rd.state()["phase"] == "new":
         rd.set_state(simulate=simulate)
     simulate = bool(rd.state().get("simulate", simulate))  # a resume keeps the run's mode
+    rd.mark_running()
     if config.run.method == "bbpt":  # black-box prompt tuning: no warm-up, no pivot
         return execute_bbpt(config, rd, local_agents, simulate)
     plan = plan_run(config)
     progress = progress or Progress(plan.warmup_rounds + plan.zo_rounds)
+    rd.set_state(rounds=progress.total)
     started = rd.started()
     first_order = config.run.method in FIRST_ORDER_AFTER_PIVOT
     model, plan = run_warmup(config, plan, rd, progress, started, export=not first_order)

@@ -2,7 +2,10 @@
 
 A row is written after its commit is journaled, so a stop between the two loses the row,
 never the round: on resume :meth:`RoundRecorder.recover` writes it again from the replayed
-weights, and the metrics hold every journaled round exactly once.
+weights, and the metrics hold every journaled round exactly once. A row names the agents
+left out of its round's draw and why (``skipped``: offline, catching up); with it, and the
+run seed, the draw can be checked. After each row ``fleet.json`` is replaced with every
+agent's state, for ``zowarmup status``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from protocols.messages import CommitMessage
 from ..rounds.loop import NOT_EVALUATED, RoundReport, Schedule
 from .progress import Progress
 from .state import Diverged, RunDir
+from .status import fleet_view, write_fleet
 
 log = logging.getLogger("zowarmup.run")
 
@@ -47,11 +51,12 @@ class RoundRecorder:
         self.rd.log_metrics({
             "round": global_round, "phase": self.phase, **report.scores,
             "participants": participants, "answered": len(report.results),
-            "uplink_bytes": report.uplink_bytes,
+            "skipped": report.skipped, "uplink_bytes": report.uplink_bytes,
             "downlink_bytes": report.downlink_bytes * participants,
             **(self.extra(report) if self.extra else {}),
             "refused": sum(c.refused.values()), "late": c.late, "clipped": c.clipped,
             "trimmed": c.trimmed, "wall_s": time.time() - self.started})
+        write_fleet(self.rd, fleet_view(c, report.skipped, self.progress.total))
         self.progress.update(self.phase, global_round, report.scores.get("test_acc"))
 
     def recover(self, history: Sequence[CommitMessage], schedule: Schedule,

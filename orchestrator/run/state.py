@@ -13,6 +13,7 @@ point and end on the bits of a run that never stopped::
     snapshots/      the weights every zo.snapshot_every rounds: resume replays at most that
     agents/<id>/    each local agent's log and state directory
     summary.json    the figures of a finished run
+    fleet.json      every agent's state as the coordinator last knew it (zowarmup status)
     blackbox/       prompt tuning only: the frozen model the devices query
 
 The order of writes is what makes resume exact: a warm-up round's checkpoint is written
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,7 @@ from ..train.data import (
 CONFIG, STATE, METRICS, SUMMARY = "config.toml", "state.json", "metrics.jsonl", "summary.json"
 CHECKPOINT, JOURNAL, MODEL, SHARDS, AGENTS = "warmup.pt", "journal", "model", "shards", "agents"
 BLACKBOX = "blackbox"  # prompt tuning: the frozen model its owner serves
+FLEET = "fleet.json"  # replaced after every round of a phase with a fleet
 SNAPSHOTS = "snapshots"
 PHASES = ("warmup", "zo", "fo", "bbpt")  # a metrics row's "phase"; fo: first-order ceilings
 
@@ -220,6 +223,11 @@ class RunDir:
         file = self.path / STATE
         return json.loads(file.read_text()) if file.exists() else {"phase": "new"}
 
+    def mark_running(self, **state: object) -> None:
+        """Say which process runs the run now (``zowarmup status`` tells a stopped run from
+        a running one by it), with any other ``state``."""
+        self.set_state(pid=os.getpid(), host=socket.gethostname(), **state)
+
     def set_state(self, **state: object) -> None:
         tmp = self.path / (STATE + ".tmp")
         tmp.write_text(json.dumps({**self.state(), **state}, indent=2) + "\n")
@@ -268,7 +276,8 @@ def round_policy(config: Config) -> RoundPolicy:
     return RoundPolicy(eps=z.eps, lr=z.lr, directions=z.directions, local_steps=z.local_steps,
                        local_lr=z.local_lr, quorum=z.quorum, deadline_s=z.deadline_s,
                        pool=z.direction_pool,
-                       robust=Robustness(z.clip_factor, z.clip_bound, z.clip_window, z.trim))
+                       robust=Robustness(z.clip_factor, z.clip_bound, z.clip_window, z.trim),
+                       max_missed_rounds=config.fleet.max_missed_rounds)
 
 
 def direction_spec(config: Config) -> DirectionSpec:
