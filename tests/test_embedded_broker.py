@@ -145,3 +145,31 @@ def test_simultaneous_connects_are_all_kept_and_get_only_their_own_retained(brok
     finally:
         for t in agents:
             t.close()
+
+
+def test_the_broker_command_stops_on_sigterm_and_says_so(tmp_path):
+    """`zowarmup broker` under systemd or `kill`: SIGTERM stops it as Ctrl-C does, with its
+    port closed and a last line that says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.brokers import free_port, wait_for_port
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "broker", "--port",
+                             str(port)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_port("127.0.0.1", port, 30, alive=lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == f"broker on mqtt://127.0.0.1:{port} stopped"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

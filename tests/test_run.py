@@ -289,10 +289,11 @@ def test_sigterm_mid_round_stops_every_process_and_resume_gives_the_same_bits(
         agents = children(proc.pid)
         for pid in agents:  # frozen: the next round stays open while we look at the run
             os.kill(pid, signal.SIGSTOP)
-        live = json.loads(zowarmup("status", str(out), "--json", cwd=tmp_path).stdout)
-        metrics = scrape(port)
         cmdline = Path(f"/proc/{agents[0]}/cmdline").read_text().split("\0")
         broker_url = next(a for a in cmdline if a.startswith("mqtt://"))
+        live = json.loads(zowarmup("status", str(out), "--json", "--broker", broker_url,
+                                   cwd=tmp_path).stdout)
+        metrics = scrape(port)
         proc.send_signal(signal.SIGTERM)  # mid-round
         for pid in agents:  # so that they hear the SIGTERM the orchestrator sends them
             os.kill(pid, signal.SIGCONT)
@@ -303,6 +304,7 @@ def test_sigterm_mid_round_stops_every_process_and_resume_gives_the_same_bits(
     assert live["phase"] == "zo" and live["orchestrator"]["state"] == "running", live
     assert sorted(live["agents"]) == [f"client-{i:03d}" for i in range(4)]
     assert {a["state"] for a in live["agents"].values()} == {"online"}
+    assert {a["broker"] for a in live["agents"].values()} == {"online"}  # retained statuses
     assert metrics[("zowarmup_agents", (("state", "online"),))] == 4
     assert metrics[("zowarmup_rounds_done", ())] >= 3 + 3  # warm-up, then ZO rounds
     assert metrics[("zowarmup_orchestrator_up", ())] == 1
