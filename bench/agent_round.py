@@ -1,4 +1,4 @@
-"""What one ZO round costs an agent, against plain inference and a first-order client.
+"""One agent ZO round against plain inference, a torch ZO client and a first-order client.
 
     python bench/agent_round.py [--threads 2] [--samples 1000] [--strategy auto]
 
@@ -17,7 +17,13 @@ carries another's peak:
   varies by ~10% from run to run, so both are medians over three processes;
 * ``forward_opt_s``: one forward pass over the shard in the same micro-batches with the
   fastest session these weights allow (constants, every graph optimisation, arena on),
-  after a warm-up pass: the floor a round is held to is ``2 * s * forward_opt_s``.
+  after a warm-up pass: the floor a round is held to is ``2 * s * forward_opt_s``;
+* ``torch_peak_rss_mb`` and ``torch_round_s``: the same ZO round by the torch client a
+  user would otherwise write, MeZO's and FedKSeed's way: torch on the device's CPU, the
+  weights held once and perturbed in place (restored by subtraction), the shard in memory,
+  64-sample batches (``TorchEngine(exact=False)``, ``orchestrator/rounds/torch_engine.py``:
+  torch, numpy and the zoo model, no ONNX Runtime in the process). Its peak from start to
+  end, and the round's time, beside the agent's.
 
 The shard's inputs are seeded Gaussian noise: neither time nor memory depends on pixel
 values. Prints one JSON line.
@@ -111,6 +117,28 @@ def child_forward(model_dir: Path, shard_path: Path, threads: int) -> dict:
     return {"forward_opt_s": min(one_pass() for _ in range(2))}
 
 
+def child_torch(model_dir: Path, shard_path: Path, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from orchestrator.rounds.torch_engine import Job, TorchEngine
+    from orchestrator.train.zoo import build_model
+    from protocols.directions import DirectionSpec
+    from protocols.manifest import load_manifest, read_weights
+    torch.set_num_threads(threads)
+    manifest = load_manifest(model_dir)
+    model = build_model("resnet18-gn", 10, 3, 32)  # as a user's client loads its checkpoint
+    with torch.no_grad():
+        for param, w in zip(model.parameters(), read_weights(model_dir, manifest)[1]):
+            param.copy_(torch.from_numpy(w))
+    engine = TorchEngine(model, DirectionSpec(), "cpu", micro_batch=MICRO_BATCH,
+                         batch=MICRO_BATCH, exact=False)
+    with np.load(shard_path) as data:
+        engine.set_data(data["x"], data["y"])
+    out = engine.rounds([Job(0, len(engine.y), (12345,))], eps=1e-3)[0]
+    return {"torch_peak_rss_mb": peak_mb(), "torch_round_s": out.seconds}
+
+
 FO_STEPS = 3
 FO_RUNS = 3
 
@@ -159,7 +187,9 @@ def main() -> None:
         result = {"zo": lambda: child_zo(args.model_dir, args.shard, args.threads, args.strategy),
                   "ort": lambda: child_ort(args.model_dir, args.shard, args.threads),
                   "forward": lambda: child_forward(args.model_dir, args.shard, args.threads),
-                  "fo": lambda: child_fo(args.threads)}[args.child]()
+                  "fo": lambda: child_fo(args.threads),
+                  "torch": lambda: child_torch(args.model_dir, args.shard, args.threads),
+                  }[args.child]()
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +197,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         model_dir, shard = prepare(work, args.samples)
         figures: dict = {}
-        for kind in ("forward", "zo", "ort"):
+        for kind in ("forward", "zo", "ort", "torch"):
             figures.update(run_child(kind, args, model_dir, shard))
         fo = [run_child("fo", args, model_dir, shard) for _ in range(FO_RUNS)]
         for key in fo[0]:
@@ -190,6 +220,10 @@ def main() -> None:
                                           / report["ort_forward_rss_mb"], 2)
     report["round_over_floor"] = round(report["zo_round_s"] / (2 * s * report["forward_opt_s"]),
                                        3)
+    report["torch_peak_rss_mb"] = round(figures["torch_peak_rss_mb"], 1)
+    report["torch_round_s"] = round(figures["torch_round_s"], 3)
+    report["torch_over_zo_rss"] = round(report["torch_peak_rss_mb"] / report["zo_peak_rss_mb"], 2)
+    report["torch_over_zo_time"] = round(report["torch_round_s"] / report["zo_round_s"], 2)
     report["targets_met"] = (report["fo_over_zo"] >= 4 and report["zo_over_ort_forward"] <= 1.5
                              and report["round_over_floor"] <= 1.15)
     print(json.dumps(report))
