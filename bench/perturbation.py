@@ -2,7 +2,8 @@
 
 Prints one JSON line. The tensors have the shapes of ResNet-18's (11.2 M parameters), so
 chunking sees real tensor sizes. ``ns_per_param_generate_apply``: regenerate z from the
-seed and do ``w += c * z`` in place (what a perturbation or a commit costs);
+seed and do ``w += c * z`` in place (what a perturbation costs, and each pair of a commit
+applied pair by pair; ``bench/commit_apply.py`` measures the summed rule);
 ``ns_per_param_axpy``: ``w += c * z`` with z precomputed (the floor any update pays).
 
     python bench/perturbation.py [--repeat 7]
