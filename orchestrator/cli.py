@@ -407,8 +407,12 @@ def broker(host: str, port: int) -> None:
     passwords and MQTT 5, run Mosquitto or EMQX instead.
     """
     from .fleet.broker import EmbeddedBroker
+    from .run.stopping import stop_on_signals
+    stop_on_signals()  # a SIGTERM while it starts stops it too, not only one once it listens
     try:
         embedded = EmbeddedBroker(host, port).start()
+    except KeyboardInterrupt:
+        return
     except Exception as exc:  # noqa: BLE001 - a port in use, a bad host: say so
         raise click.ClickException(f"cannot start the broker on {host}:{port}: {exc}") from None
     click.echo(f"broker listening on {embedded.url}; Ctrl-C or SIGTERM stops it")

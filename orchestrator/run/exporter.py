@@ -21,6 +21,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from protocols.errors import ZoError
+
 from .status import STATES, read_status
 
 log = logging.getLogger("zowarmup.run")
@@ -35,7 +37,7 @@ class RunCollector:
     def collect(self) -> Iterator[Metric]:
         try:
             s = read_status(self.run_dir)
-        except (FileNotFoundError, OSError) as exc:  # not written yet: nothing to say
+        except (OSError, ZoError) as exc:  # not written yet, or damaged: nothing to say
             log.debug("metrics: %s", exc)
             return
         yield _gauge("zowarmup_rounds_done", "Rounds done, warm-up included", s["round"])
