@@ -32,7 +32,9 @@ def test_the_quickstart_estimate_gives_every_phase_and_writes_nothing(tmp_path, 
     assert list(phases)[:3] == ["warm-up", "warm-up evaluation", "pivot (export)"]
     assert any(p.startswith("ZO (10 local agent(s)") for p in phases)
     assert "ZO evaluation" in phases
-    assert all(v > 0 for v in phases.values())
+    assert all(v >= 0 for v in phases.values())  # printed to 0.1 s: a short one shows 0.0
+    assert all(v > 0 for p, v in phases.items() if p in ("warm-up", "pivot (export)")
+               or p.startswith("ZO (")), phases
     assert total == pytest.approx(sum(phases.values()), rel=0.05, abs=0.2)  # printed rounded
     measured = re.findall(r"  (\S.*?)\s+([0-9.]+) ms", result.output)
     names = {name for name, _ in measured}
