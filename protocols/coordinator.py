@@ -98,6 +98,13 @@ class RoundPolicy:
             raise ProtocolError(f"round policy: unknown application {self.apply!r}",
                                 "bad_policy")
 
+    @property
+    def step_lr(self) -> float:
+        """The learning rate of a client's steps, and so of the commit: with several local
+        steps, the local one, so that the commit moves every holder along the (sample-
+        weighted average of the) trajectories the clients took; with one step, ``lr``."""
+        return (self.local_lr or self.lr) if self.local_steps > 1 else self.lr
+
 
 @dataclass
 class AgentRecord:
@@ -214,7 +221,7 @@ class Coordinator:
                        for i, agent in enumerate(participants)}
         plan = RoundPlan(self.version, self.fingerprint, self.policy.eps, tuple(participants),
                          assignments, self.policy.deadline_s, self.policy.local_steps,
-                         self.policy.local_lr or self.policy.lr, pool)
+                         self.policy.step_lr, pool)
         self._round = _OpenRound(plan, per_agent, now + self.policy.deadline_s)
         return [Send(topics.agent(self.run_id, agent, "inbox"), encode(plan.start_for(agent)),
                      qos=0) for agent in participants]
@@ -241,7 +248,7 @@ class Coordinator:
         keep = trimmed_keep(scalars, self.policy.robust.trim)
         per_slot = weigh([ClientResult(plan.assignments[a], x.scalars, x.samples,
                                        plan.local_steps) for a, x in answered],
-                         self.policy.lr, bound, keep)
+                         self.policy.step_lr, bound, keep)
         kept = range(len(scalars)) if keep is None else sorted(keep)
         slots = [i * r.per_client + j for i, x in enumerate(plan.participants)
                  if x in r.results for j in range(r.per_client)]

@@ -203,3 +203,35 @@ def test_a_memory_budget_picks_the_micro_batch_and_holds(wide_model):
     assert 1 <= small["micro_batch"] < 256
     code, capped = _bench(*wide_model, "--memory-budget", str(least + 400), "--micro-batch", "8")
     assert code == 0 and capped["micro_batch"] == 8
+
+
+def test_a_multi_step_commit_moves_the_weights_along_the_trajectory_the_steps_took(engine):
+    """One client, two local steps of two directions at local_lr while zo.lr is three times
+    larger: the coordinator's commit must land where the client's own local steps went."""
+    from protocols import topics
+    from protocols.codec import encode
+    from protocols.coordinator import Coordinator, RoundPolicy
+    from protocols.messages import Capabilities, Hello, Result
+    start = engine.weights.to_canonical()
+    fp, local_lr = fingerprint(start), 0.2
+    policy = RoundPolicy(eps=1e-2, lr=3 * local_lr, directions=2, local_steps=2,
+                         local_lr=local_lr)
+    c = Coordinator("steps", 6, engine.spec, 0, fp, policy)
+    c.receive(topics.agent("steps", "a", "hello"),
+              encode(Hello("a", Capabilities(0, 1, 0), "0" * 64, 0, fp)), 0.0)
+    c.open_round(["a"], 0.0)
+    seeds = c.current_round.assignments["a"]
+    out = engine.round(seeds, 1e-2, local_steps=2, local_lr=c.current_round.local_lr)
+    c.receive(topics.agent("steps", "a", "result"),
+              encode(Result("a", 0, out.scalars, out.samples, fp)), 0.0)
+    commit = c.close_round()
+    assert not c.refused, c.refusals
+    trajectory = [w.copy() for w in start]
+    for step in range(2):  # the client's own steps: w -= local_lr * g / s * z, s = 2
+        for seed, g in zip(seeds[2 * step:2 * step + 2], out.scalars[2 * step:2 * step + 2]):
+            axpy(trajectory, -local_lr * g / 2, engine.spec, seed)
+    committed = [w.copy() for w in start]
+    apply_commit(committed, commit, engine.spec)
+    moved = sum(float(np.abs(t - w).sum()) for t, w in zip(trajectory, start))
+    missed = sum(float(np.abs(m - t).sum()) for m, t in zip(committed, trajectory))
+    assert moved > 0 and missed < 1e-3 * moved
