@@ -215,8 +215,9 @@ def _zo(config: Config, plan: Plan, model_dir: Path, device: torch.device, simul
     est.phases["ZO evaluation"] = _evaluations(config, plan.zo_rounds) * _evaluated(plan) \
         * eval_sample
     if not simulate:
-        est.notes.append("over MQTT each round also waits for its messages: a few ms a round "
-                         "on one machine, more where devices are far or slow")
+        est.notes.append("over MQTT each round also waits for its messages and for the "
+                         "agents' processes to wake, which is not measured here: on a small "
+                         "model that can take longer than the compute")
     if not simulate and config.fleet.local_agents == 0:
         est.notes.append("fleet.local_agents = 0: remote devices compute the ZO rounds; "
                          "time `zowarmup-agent bench` on one of them instead")
