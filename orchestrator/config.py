@@ -49,6 +49,7 @@ PROMPTS = ("continuous", "discrete")
 BLACKBOXES = ("remote", "local")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 ENGINES = ("onnxruntime", "torch")  # zo.engine: what computes a simulated run's clients
+ESTIMATORS = ("spsa", "exact")  # zo.estimator: SPSA, or the exact derivative (a ceiling)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
 _SPLIT = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*")
@@ -137,6 +138,7 @@ class ZoSection:
     clip_window: int = 20  # rounds in that running median
     trim: float = 0.0  # trimmed mean: share of each round's scalars dropped at each end
     engine: str = "onnxruntime"  # simulated clients: the agent's engine, or torch (GPU)
+    estimator: str = "spsa"  # "exact": grad L . z instead of SPSA (torch engine; a ceiling)
 
 
 @dataclass(frozen=True)
@@ -370,6 +372,7 @@ RULES: dict[str, dict[str, _Rule]] = {
         "clip_window": _ints(1, 10_000),
         "trim": _floats(0.0, 0.5, lo_open=False, hi_open=True),
         "engine": _choice(ENGINES),
+        "estimator": _choice(ESTIMATORS),
     },
     "eval": {
         "every": _ints(1),
@@ -646,6 +649,11 @@ def _cross_checks(config: Config, where: str) -> None:
                           "(leave it out for one per client)", "fleet.local_agents")
     _check_fleet(fleet, where)
     _check_bbpt(config, where)
+    if zo.estimator == "exact" and (zo.engine != "torch" or zo.local_steps != 1):
+        raise ConfigError(f"{where}: zo.estimator = \"exact\" (the exact directional "
+                          "derivative, a ceiling for SPSA) is measured by the torch engine for "
+                          "one local step: set zo.engine = \"torch\" and zo.local_steps = 1",
+                          "zo.estimator")
     if zo.engine == "torch" and run.method == "bbpt":
         raise ConfigError(f"{where}: zo.engine = \"torch\" runs the zoo model's clients; "
                           "prompt tuning (run.method = \"bbpt\") queries a black box, so its "

@@ -131,3 +131,32 @@ def test_the_torch_engine_is_refused_where_it_cannot_run(tmp_path):
                                        str(tmp_path / "run")])
     assert result.exit_code == 2 and "--simulate" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_exact_estimator_is_the_derivative_spsa_estimates(torch_run):
+    """``zo.estimator = "exact"``: grad L . z on the client's shard, which SPSA's two-point
+    scalar approaches as eps shrinks; the base weights are untouched."""
+    model, spec = torch_run / "model", DirectionSpec(scale=0.5)
+    state = ModelState.load(model, spec)
+    shard = load_shard(torch_run / "shards" / "client-000.npz", state.manifest)
+    engine = TorchEngine(zoo_module(model, state.manifest, WIDTH), spec, "cpu", micro_batch=32)
+    engine.load(state.weights)
+    engine.set_data(np.asarray(shard.x), np.asarray(shard.y))
+    job = [Job(0, len(shard), (31, 32, 33))]
+    exact = engine.rounds(job, 1e-3, estimator="exact")[0]
+    spsa = engine.rounds(job, 1e-3)[0]
+    assert exact.scalars == pytest.approx(spsa.scalars, rel=2e-2, abs=1e-3)
+    assert max(abs(g) for g in exact.scalars) > 1e-2  # not trivially zero
+    assert exact.loss == pytest.approx(float(np.mean(spsa.loss)), rel=1e-3)
+    assert _bits(engine.host_weights()) == _bits(state.weights)
+    with pytest.raises(ValueError, match="one local"):
+        engine.rounds([Job(0, len(shard), (31, 32))], 1e-3, local_steps=2, estimator="exact")
+
+
+def test_the_exact_estimator_needs_the_torch_engine_and_one_step():
+    for zo in ({"estimator": "exact"}, {"estimator": "exact", "engine": "torch",
+                                        "local_steps": 2}):
+        with pytest.raises(ConfigError, match="zo.estimator"):
+            parse_config({"zo": zo})
+    assert parse_config({"zo": {"estimator": "exact", "engine": "torch"}}).zo.estimator == \
+        "exact"

@@ -43,6 +43,7 @@ from protocols.directions import RADEMACHER, DirectionSpec, direction, raw_words
 from protocols.zo import fingerprint, projected_gradient
 
 UPLOAD_BYTES = 256 << 20  # directions uploaded at once, at most (one at least)
+SPSA, EXACT = "spsa", "exact"  # the scalar: SPSA's two losses, or the exact derivative
 
 
 def default_batch(device: torch.device) -> int:
@@ -217,7 +218,7 @@ class TorchEngine:
     # --- rounds -------------------------------------------------------------------------
 
     def rounds(self, jobs: Sequence[Job], eps: float, local_steps: int = 1,
-               local_lr: float = 0.0) -> list[ClientOutput]:
+               local_lr: float = 0.0, estimator: str = SPSA) -> list[ClientOutput]:
         """``ZoEngine.round`` for every job; the base weights end where they began.
 
         The first step of every job starts from the same weights, so a seed is evaluated
@@ -225,6 +226,8 @@ class TorchEngine:
         local weights and run job by job.
         """
         started = time.perf_counter()
+        if estimator == EXACT:
+            return self._exact_rounds(jobs, local_steps, started)
         steps = [len(job.seeds) // local_steps for job in jobs]
         pairs = self._evaluate(jobs, [job.seeds[:k] for job, k in zip(jobs, steps)], eps)
         if local_steps > 1:
@@ -237,6 +240,54 @@ class TorchEngine:
                              float(np.mean([v for pair in pairs[j] for v in pair])), job.count,
                              seconds * work[j] / sum(work))
                 for j, job in enumerate(jobs)]
+
+    def _exact_rounds(self, jobs: Sequence[Job], local_steps: int, started: float
+                      ) -> list[ClientOutput]:
+        """The exact directional derivative ``grad L(w) . z`` for each job's seeds, where
+        SPSA measures ``(L(w + eps z) - L(w - eps z)) / 2 eps``: a ceiling that tells what
+        the estimate costs. One backward pass per job over its whole shard, the gradient
+        dotted with every direction in float64."""
+        if local_steps != 1:
+            raise ValueError("the exact directional derivative is measured for one local "
+                             "step; set zo.local_steps = 1")
+        out = []
+        for job in jobs:
+            t0 = time.perf_counter()
+            loss, grads = self.gradient(torch.arange(job.start, job.start + job.count,
+                                                     device=self.device))
+            scalars = []
+            for dirs in self.directions(list(job.seeds)):
+                for seed in (s for s in job.seeds if s in dirs.seeds):
+                    scalars.append(sum(float(torch.dot(g.reshape(-1).double(),
+                                                       dirs.step(seed, i, 1.0).reshape(-1)
+                                                       .double()))
+                                       for i, g in enumerate(grads)))
+            out.append(ClientOutput(tuple(scalars), loss, job.count,
+                                    time.perf_counter() - t0))
+        return out
+
+    def gradient(self, rows: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+        """The mean cross-entropy over ``rows`` at the base weights, and its gradient with
+        respect to every parameter (batch by batch, summed, then divided by the count)."""
+        self.load(self._host)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        total = 0.0
+        try:
+            for i in range(0, rows.numel(), self.batch):
+                idx = rows[i:i + self.batch]
+                loss = F.cross_entropy(self.module(self.x.index_select(0, idx)),
+                                       self.y.index_select(0, idx), reduction="sum")
+                loss.backward()
+                total += float(loss.detach())
+            n = rows.numel()
+            grads = [p.grad.detach() / n for p in self.module.parameters()]
+        finally:
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        return total / n, grads
 
     def _local_steps(self, job: Job, k: int, first: list[tuple[float, float]], eps: float,
                      local_steps: int, local_lr: float) -> list[tuple[float, float]]:

@@ -34,7 +34,7 @@ from ..train.exported import NotRunnable, zoo_module
 from .inprocess import greet, require_answers
 from .loop import Choose
 from .model import Delta, ModelState
-from .torch_engine import Job, TorchEngine
+from .torch_engine import SPSA, Job, TorchEngine
 
 log = logging.getLogger("zowarmup.rounds")
 
@@ -46,8 +46,8 @@ class TorchFleet:
 
     def __init__(self, state: ModelState, coordinator: Coordinator, shards: dict[str, Path],
                  device: torch.device | str, width: int | None = None, micro_batch: int = 64,
-                 batch: int | None = None) -> None:
-        self.coordinator, self.state = coordinator, state
+                 batch: int | None = None, estimator: str = SPSA) -> None:
+        self.coordinator, self.state, self.estimator = coordinator, state, estimator
         self.result_bytes = 0
         self.pool = sorted(shards)
         module = zoo_module(state.model_dir, state.manifest, width)
@@ -100,7 +100,8 @@ class TorchFleet:
         diverged: list[str] = []
         for (eps, steps, lr), starts in by_settings.items():
             jobs = [Job(*self.rows[s.agent_id], tuple(s.seeds)) for s in starts]
-            for start, out in zip(starts, self.engine.rounds(jobs, eps, steps, lr)):
+            outputs = self.engine.rounds(jobs, eps, steps, lr, self.estimator)
+            for start, out in zip(starts, outputs):
                 if not sendable(out.loss, out.scalars):
                     diverged.append(start.agent_id)
                     continue

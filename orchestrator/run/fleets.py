@@ -81,6 +81,6 @@ def simulated_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: 
                             deltas)
     fleet = TorchFleet(state, coordinator, {a: rd.shard(a) for a in pool},
                        resolve_device(config.run.device), config.model.width,
-                       config.zo.micro_batch)
+                       config.zo.micro_batch, estimator=config.zo.estimator)
     stack.callback(fleet.close)
     return fleet
