@@ -29,6 +29,14 @@ training data (never on the test split)::
 For every setting and method, each combination runs on the search seeds with the
 validation split held out; the one with the best mean final validation accuracy (a
 diverged run counts as the worst) is used for the table's runs, on all the training data.
+A method may take a value from another method's choice at the same setting instead of
+searching it again, so that two methods train the same part the same way (ZOWarmUp's
+warm-up is High-Res-Only's training, cut at the pivot)::
+
+    [search.shared]
+    "ZOWarmUp" = { "warmup.client_lr" = "High-Res-Only" }
+
+Those methods are searched once the others have chosen.
 
 Every run is an ordinary run directory (simulated ZO phase, same bits as over MQTT), so
 ``zowarmup report`` reads any of them, and a stopped experiment picks up where it stopped:
@@ -45,7 +53,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,11 +95,24 @@ class Search:
     validation: float
     seeds: tuple[int, ...]
     spaces: dict[str, dict[str, list]]  # method name or "*" -> {config key: values}
+    # method -> {config key: the method whose choice, at the same setting, it takes}
+    shared: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def candidates(self, method: str) -> list[Overrides]:
         space = self.spaces.get(method, self.spaces.get("*", {}))
         keys = list(space)
         return [tuple(zip(keys, values)) for values in itertools.product(*space.values())]
+
+    def stages(self, methods: list[str]) -> list[list[str]]:
+        """The methods whose search takes nothing from another's first, then the others."""
+        first = [m for m in methods if m not in self.shared]
+        return [first, [m for m in methods if m in self.shared]]
+
+    def inherited(self, setting: Overrides, method: str,
+                  chosen: dict[tuple[Overrides, str], Overrides]) -> Overrides:
+        """The values ``method`` takes from other methods' choices at ``setting``."""
+        return tuple((key, dict(chosen.get((setting, source), ())).get(key))
+                     for key, source in self.shared.get(method, {}).items())
 
 
 @dataclass(frozen=True)
@@ -118,9 +139,12 @@ class Grid:
                 for setting in self.settings() for method in self.methods
                 for seed in self.seeds]
 
-    def search_cells(self, setting: Overrides, method: str) -> list[Cell]:
+    def search_cells(self, setting: Overrides, method: str, inherited: Overrides = ()
+                     ) -> list[Cell]:
+        """The search runs of one setting and method; ``inherited``: the values it takes
+        from another method's choice, the same in every candidate."""
         assert self.search is not None
-        return [Cell(setting, method, seed, candidate)
+        return [Cell(setting, method, seed, inherited + candidate)
                 for candidate in self.search.candidates(method) for seed in self.search.seeds]
 
     def search_root(self) -> Path:
@@ -182,10 +206,10 @@ def _search(table: object, methods: dict, path: Path) -> Search:
     where = f"{path}: [search]"
     if not isinstance(table, dict):
         raise ExperimentError(f"{where} must be a table")
-    unknown = set(table) - {"validation", "seeds", "space"}
+    unknown = set(table) - {"validation", "seeds", "space", "shared"}
     if unknown:
         raise ExperimentError(f"{where} has unknown key(s) {sorted(unknown)}; it takes "
-                              "validation, seeds and space")
+                              "validation, seeds, space and shared")
     validation = table.get("validation", 0.2)
     if not (isinstance(validation, float) and 0 < validation < 1):
         raise ExperimentError(f"{where}: validation must be a fraction in (0, 1), "
@@ -205,7 +229,30 @@ def _search(table: object, methods: dict, path: Path) -> Search:
                 and all(isinstance(v, list) and v for v in space.values())):
             raise ExperimentError(f"{where}: space.{method} must map config keys to "
                                   "non-empty lists of values")
-    return Search(validation, tuple(seeds), spaces)
+    return Search(validation, tuple(seeds), spaces,
+                  _shared(table.get("shared", {}), spaces, methods, where))
+
+
+def _shared(table: object, spaces: dict, methods: dict, where: str) -> dict[str, dict[str, str]]:
+    """``[search.shared]``: per method, the keys whose value it takes from another method's
+    search (e.g. the warm-up's learning rate High-Res-Only chose, for ZOWarmUp's warm-up)."""
+    if not isinstance(table, dict):
+        raise ExperimentError(f"{where}: shared must be a table of methods")
+    out: dict[str, dict[str, str]] = {}
+    for method, keys in table.items():
+        if method not in methods or not isinstance(keys, dict) or not keys:
+            raise ExperimentError(f"{where}: shared.{method} must be a method of [methods] "
+                                  "mapping config keys to the method whose choice it takes")
+        own = spaces.get(method, spaces.get("*", {}))
+        for key, source in keys.items():
+            source_space = spaces.get(source, spaces.get("*", {})) if source in methods else {}
+            if key not in source_space or source in table or key in own:
+                raise ExperimentError(
+                    f"{where}: shared.{method}: {key!r} from {source!r} needs a method that "
+                    f"searches {key!r} itself, takes nothing from another, and a key "
+                    f"{method!r} does not search too")
+        out[method] = dict(keys)
+    return out
 
 
 def run_grid(grid: Grid, jobs: int = 1, ray: str | None = None) -> list[dict]:
@@ -233,15 +280,25 @@ def search(grid: Grid, jobs: int = 1, cluster: RayCluster | None = None
            ) -> dict[tuple[Overrides, str], Overrides]:
     """Run every search cell; the chosen values per (setting, method)."""
     assert grid.search is not None
-    pairs = [(setting, method) for setting in grid.settings() for method in grid.methods]
-    _run_all(grid, [c for s, m in pairs for c in grid.search_cells(s, m)], jobs, search=True,
-             cluster=cluster)
-    chosen = {}
-    for setting, method in pairs:
-        chosen[(setting, method)] = best_candidate(grid, grid.search_cells(setting, method))
-        log.info("search %s %s: chose %s", method, dict(setting),
-                 dict(chosen[(setting, method)]))
+    chosen: dict[tuple[Overrides, str], Overrides] = {}
+    for stage in grid.search.stages(list(grid.methods)):
+        cells = _search_cells(grid, stage, chosen)
+        _run_all(grid, [c for group in cells.values() for c in group], jobs, search=True,
+                 cluster=cluster)
+        for (setting, method), group in cells.items():
+            chosen[(setting, method)] = best_candidate(grid, group)
+            log.info("search %s %s: chose %s", method, dict(setting),
+                     dict(chosen[(setting, method)]))
     return chosen
+
+
+def _search_cells(grid: Grid, methods: list[str],
+                  chosen: dict[tuple[Overrides, str], Overrides]
+                  ) -> dict[tuple[Overrides, str], list[Cell]]:
+    assert grid.search is not None
+    return {(setting, method): grid.search_cells(
+                setting, method, grid.search.inherited(setting, method, chosen))
+            for setting in grid.settings() for method in methods}
 
 
 def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool,
@@ -380,8 +437,11 @@ def chosen_so_far(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
     """The search's choices from the runs on disk (for a table of a partial experiment)."""
     if grid.search is None:
         return {}
-    return {(setting, method): best_candidate(grid, grid.search_cells(setting, method))
-            for setting in grid.settings() for method in grid.methods}
+    chosen: dict[tuple[Overrides, str], Overrides] = {}
+    for stage in grid.search.stages(list(grid.methods)):
+        for pair, group in _search_cells(grid, stage, chosen).items():
+            chosen[pair] = best_candidate(grid, group)
+    return chosen
 
 
 def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None = None

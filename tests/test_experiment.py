@@ -203,3 +203,46 @@ def test_ray_without_its_extra_is_a_clear_error_before_any_run(tmp_path, monkeyp
     with pytest.raises(ClusterError, match=r"zowarmup\[ray\]"):
         run_grid(load_grid(tmp_path / "grid.toml"), jobs=2, ray="local")
     assert not (tmp_path / "runs").exists()
+
+
+SHARED = """
+[search]
+validation = 0.25
+seeds = [100]
+[search.space]
+"High-Res-Only" = {{ "warmup.client_lr" = [0.05, 0.2] }}
+"ZOWarmUp" = {{ "zo.lr" = [1e-3, 1e-2] }}
+[search.shared]
+"ZOWarmUp" = {{ "warmup.client_lr" = "High-Res-Only" }}
+"""
+
+
+def test_a_shared_value_is_the_other_methods_choice_at_the_same_setting(tmp_path):
+    """ZOWarmUp's search runs with the warm-up learning rate High-Res-Only chose at the
+    same split, and keeps it in its own choice; only its own key is searched."""
+    from orchestrator.experiment import ExperimentError, chosen_so_far, load_grid
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "grid.toml").write_text(GRID.format(out=tmp_path / "runs") + SHARED.format())
+    grid = load_grid(tmp_path / "grid.toml")
+    best = {"25/75": 0.2, "75/25": 0.05}  # what High-Res-Only's (pretend) search runs found
+    for setting in grid.settings():
+        for cell in grid.search_cells(setting, "High-Res-Only"):
+            lr = dict(cell.tuned)["warmup.client_lr"]
+            run = cell.directory(grid.search_root())
+            run.mkdir(parents=True)
+            score = 0.9 if lr == best[dict(setting)["data.split"]] else 0.5
+            (run / "summary.json").write_text(json.dumps({"final_val_acc": score}))
+    chosen = chosen_so_far(grid)
+    for setting in grid.settings():
+        lr = best[dict(setting)["data.split"]]
+        assert chosen[(setting, "High-Res-Only")] == (("warmup.client_lr", lr),)
+        zo = grid.search_cells(setting, "ZOWarmUp", grid.search.inherited(
+            setting, "ZOWarmUp", chosen))
+        assert [dict(c.tuned) for c in zo] == [{"warmup.client_lr": lr, "zo.lr": v}
+                                               for v in (1e-3, 1e-2)]
+        assert dict(chosen[(setting, "ZOWarmUp")])["warmup.client_lr"] == lr
+    bad = SHARED.format().replace('"warmup.client_lr" = "High-Res-Only"',
+                                  '"zo.lr" = "High-Res-Only"')
+    (tmp_path / "bad.toml").write_text(GRID.format(out=tmp_path / "runs") + bad)
+    with pytest.raises(ExperimentError, match="shared.ZOWarmUp"):
+        load_grid(tmp_path / "bad.toml")
