@@ -111,6 +111,7 @@ class WarmupSection(TrainerSettings):
     max_rounds: int = 100  # nor after it
     patience: int = 3  # evaluations without an improvement of min_delta before it pivots
     min_delta: float = 0.002  # validation accuracy that counts as an improvement
+    ceiling_lr: float = 0.0  # the first-order ceilings' client lr after the pivot; 0: client_lr
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ RULES: dict[str, dict[str, _Rule]] = {
         "max_rounds": _ints(1),
         "patience": _ints(1),
         "min_delta": _floats(0.0, 1.0, lo_open=False),
+        "ceiling_lr": _floats(0.0, lo_open=False, extra=" (0 = warmup.client_lr)"),
         "strategy": _choice(STRATEGIES),
         "client_lr": _floats(0.0),
         "client_momentum": _floats(0.0, 1.0, lo_open=False, hi_open=True),

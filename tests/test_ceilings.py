@@ -67,6 +67,9 @@ def test_fedsgd_is_one_exact_gradient_step_of_the_union_of_the_shards():
     plan = plan_run(config)
     chosen = settings(config, plan)  # the warm-up's epochs, batches and momentum are replaced
     assert (chosen.local_epochs, chosen.client_momentum) == (1, 0.0)
+    apart = parse_config({**config.to_dict(), "warmup": {**config.to_dict()["warmup"],
+                                                         "ceiling_lr": 0.5}})
+    assert settings(apart, plan).client_lr == 0.5  # the step size, apart from the warm-up's
     model = build_model("cnn", 10, 1, 8, 4, seed=1)
     start = [p.detach().clone() for p in model.parameters()]
     ds = plan.dataset

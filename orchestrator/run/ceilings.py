@@ -34,8 +34,10 @@ CHECKPOINT = "after-pivot.pt"
 
 
 def settings(config: Config, plan: Plan) -> WarmupConfig:
-    """The warm-up's client settings over every client; FedSGD: one step on the whole shard."""
-    base = dataclasses.replace(warmup_config(config), clients_per_round=None)
+    """The warm-up's client settings over every client (at ``warmup.ceiling_lr`` if set);
+    FedSGD: one step on the whole shard."""
+    base = dataclasses.replace(warmup_config(config), clients_per_round=None,
+                               client_lr=config.warmup.ceiling_lr or config.warmup.client_lr)
     if config.run.method == "fedavg-all":
         return base
     largest = max(len(part) for part in plan.parts)
