@@ -73,7 +73,7 @@ def execute_bbpt(config: Config, rd: RunDir, local_agents: int | None = None,
                                         round_policy(config), history, journal)
         pool = _pool(config, prepared)
         if simulate:
-            fleet = worker_fleet(config, rd, state, coordinator, stack, pool, history,
+            fleet = worker_fleet(config, rd, state, coordinator, stack, pool,
                                  engine_factory=partial(simulated_engine, address, key),
                                  switch=use_device)
         else:

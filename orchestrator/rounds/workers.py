@@ -26,10 +26,11 @@ from protocols.codec import decode, encode
 from protocols.coordinator import Coordinator
 from protocols.directions import DirectionSpec
 from protocols.manifest import load_manifest
-from protocols.messages import Capabilities, CommitMessage, Hello, Result, sendable
+from protocols.messages import CommitMessage, Result, sendable
 from protocols.topics import Send
 
 from ..fleet.agents import strategy_for
+from .inprocess import greet, require_answers
 from .loop import Choose
 from .model import Delta, ModelState
 
@@ -119,11 +120,7 @@ class WorkerFleet:
             self._procs.append(proc)
         if coordinator.version > 0:  # resumed: the workers take the orchestrator's state,
             self._share(state)  # which replayed at most snapshot_every rounds to get there
-        for agent in self.pool:
-            hello = Hello(agent, Capabilities(0, 1, 0), state.model_sha256, coordinator.version,
-                          coordinator.fingerprint)
-            coordinator.receive(topics.agent(coordinator.run_id, agent, "hello"), encode(hello),
-                                time.time())
+        greet(coordinator, self.pool, state.model_sha256)
 
     def _share(self, state: ModelState) -> None:
         """Every worker's weights set to the state's (the same bits in its own layout)."""
@@ -155,10 +152,7 @@ class WorkerFleet:
                 agent = decode(payload).agent_id
                 coordinator.receive(topics.agent(coordinator.run_id, agent, "result"), payload,
                                     time.time())
-        if not coordinator.round_results() and not diverged:
-            why = coordinator.refusals[-1] if coordinator.refusals else "none arrived"
-            raise RuntimeError(f"simulated round {coordinator.version}: every result was "
-                               f"refused ({why})")
+        require_answers(coordinator, diverged)
         return diverged
 
     def commit(self, broadcast: Send | None, message: CommitMessage,

@@ -19,7 +19,7 @@ from ..config import Config
 from ..fleet.agents import LocalAgents
 from ..fleet.broker import EmbeddedBroker
 from ..fleet.mosquitto import agent_identity, orchestrator_identity
-from ..rounds.model import Delta, ModelState
+from ..rounds.model import ModelState
 from ..rounds.mqtt import MqttFleet, connect
 from ..rounds.torch_fleet import TorchFleet
 from ..rounds.workers import EngineFactory, Switch, WorkerFleet, use_shard
@@ -58,8 +58,7 @@ def mqtt_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coord
 
 
 def worker_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coordinator,
-                 stack: ExitStack, pool: list[str], history: list, workers: int | None = None,
-                 deltas: dict[int, Delta] | None = None,
+                 stack: ExitStack, pool: list[str], workers: int | None = None,
                  engine_factory: EngineFactory | None = None,
                  switch: Switch = use_shard) -> WorkerFleet:
     """The pool's clients in worker processes, each with its shard from the run directory."""
@@ -71,14 +70,12 @@ def worker_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coo
 
 
 def simulated_fleet(config: Config, rd: RunDir, state: ModelState, coordinator: Coordinator,
-                    stack: ExitStack, pool: list[str], history: list,
-                    workers: int | None = None,
-                    deltas: dict[int, Delta] | None = None) -> WorkerFleet | TorchFleet:
+                    stack: ExitStack, pool: list[str],
+                    workers: int | None = None) -> WorkerFleet | TorchFleet:
     """The fleet of a simulated run: ``zo.engine`` chooses the agent's own engine in worker
     processes, or the torch engine on ``run.device`` (CUDA when present with "auto")."""
     if config.zo.engine != "torch":
-        return worker_fleet(config, rd, state, coordinator, stack, pool, history, workers,
-                            deltas)
+        return worker_fleet(config, rd, state, coordinator, stack, pool, workers)
     fleet = TorchFleet(state, coordinator, {a: rd.shard(a) for a in pool},
                        resolve_device(config.run.device), config.model.width,
                        config.zo.micro_batch, estimator=config.zo.estimator)

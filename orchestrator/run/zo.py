@@ -59,8 +59,7 @@ def run_zo(config: Config, plan: Plan, rd: RunDir, progress: Progress, started: 
                                         round_policy(config), history, journal)
         pool = zo_pool(config, plan)
         if simulate:
-            fleet = simulated_fleet(config, rd, state, coordinator, stack, pool, history,
-                                    workers, deltas)
+            fleet = simulated_fleet(config, rd, state, coordinator, stack, pool, workers)
         else:
             count = config.fleet.local_agents if local_agents is None else local_agents
             fleet = mqtt_fleet(config, rd, state, coordinator, stack, pool,
