@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from edge_agent.lifeline import exit_with_parent
 from protocols.errors import ZoError
 
 from .cluster import LOCAL, RayCluster, ray_cluster
@@ -328,7 +329,8 @@ def _run_all(grid: Grid, cells: list[Cell], jobs: int, search: bool,
         import concurrent.futures as cf
         import multiprocessing as mp
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=_job_logging) as pool:
+                                    initializer=_job_process, initargs=(os.getpid(),)
+                                    ) as pool:
             futures = [pool.submit(_run, grid, cell, f"{kind} {i}/{len(cells)}", search, 1)
                        for i, cell in todo]
             for future in cf.as_completed(futures):
@@ -352,6 +354,13 @@ def _same_run_key(grid: Grid, cell: Cell, search: bool) -> str:
         data.pop("warmup", None)
         data["data"].pop("split", None)
     return json.dumps(data, sort_keys=True, default=str)
+
+
+def _job_process(parent: int) -> None:
+    """A ``--jobs`` process: it logs a line per run, and ends with the experiment's process
+    however that one ends (a pool's workers outlive a killed parent otherwise)."""
+    exit_with_parent(parent)
+    _job_logging()
 
 
 def _job_logging() -> None:

@@ -246,3 +246,33 @@ def test_a_shared_value_is_the_other_methods_choice_at_the_same_setting(tmp_path
     (tmp_path / "bad.toml").write_text(GRID.format(out=tmp_path / "runs") + bad)
     with pytest.raises(ExperimentError, match="shared.ZOWarmUp"):
         load_grid(tmp_path / "bad.toml")
+
+
+def test_no_run_process_outlives_a_killed_experiment(tmp_path):
+    """SIGKILL to `zowarmup experiment --jobs 2` while its runs are going: its job processes
+    (and their workers) end on their own, none is left (checked by PID)."""
+    import os
+    import signal
+    import time
+
+    from tests.runs import alive, descendants, spawn_zowarmup
+    (tmp_path / "base.toml").write_text(BASE.replace("rounds = 2\ndirections", "rounds = 40\n"
+                                                     "directions"))
+    (tmp_path / "grid.toml").write_text(GRID.format(out=tmp_path / "runs"))
+    proc = spawn_zowarmup("experiment", str(tmp_path / "grid.toml"), "--jobs", "2",
+                          cwd=tmp_path)
+    end, below = time.time() + 120, []
+    while time.time() < end and not list((tmp_path / "runs").rglob("journal")):
+        below = sorted(set(below) | set(descendants(proc.pid)))
+        time.sleep(0.1)
+    below = sorted(set(below) | set(descendants(proc.pid)))
+    assert list((tmp_path / "runs").rglob("journal")) and len(below) >= 2  # runs under way
+    os.kill(proc.pid, signal.SIGKILL)  # the experiment only: no chance to clean up
+    proc.wait()
+    end = time.time() + 30
+    while time.time() < end and any(alive(p) for p in below):
+        time.sleep(0.2)
+    left = [p for p in below if alive(p)]
+    for p in left:  # not to leave them to the next test when this one fails
+        os.kill(p, signal.SIGKILL)
+    assert not left

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from protocols.journal import read_journal
+from tests.runs import alive, children
 
 pytest.importorskip("torch", reason="the orchestrator needs its extra")
 pytestmark = pytest.mark.broker
@@ -234,27 +235,6 @@ def test_a_stop_between_the_journal_and_the_metrics_loses_no_round(config_file, 
     assert [r["round"] for r in rows] == [json.loads(line)["round"] for line in lines]
     assert rows[-1]["recovered"] and rows[-1]["test_acc"] == last["test_acc"]
     assert summary_of(out)["final_acc"] == last["test_acc"]
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def scrape(port: int) -> dict[tuple, float]:
