@@ -104,10 +104,23 @@ class Search:
         keys = list(space)
         return [tuple(zip(keys, values)) for values in itertools.product(*space.values())]
 
+    def own_space(self, method: str) -> dict[str, list]:
+        """What ``method`` searches itself (``{}``: nothing; it runs no search)."""
+        return self.spaces.get(method, self.spaces.get("*", {}))
+
     def stages(self, methods: list[str]) -> list[list[str]]:
-        """The methods whose search takes nothing from another's first, then the others."""
-        first = [m for m in methods if m not in self.shared]
-        return [first, [m for m in methods if m in self.shared]]
+        """The methods in the order their searches can run: each after every method it
+        takes a value from (a cycle is refused when the grid is read)."""
+        stages, placed = [], set()
+        while len(placed) < len(methods):
+            ready = [m for m in methods if m not in placed
+                     and set(self.shared.get(m, {}).values()) <= placed]
+            if not ready:
+                raise ExperimentError("[search.shared] takes values in a circle: "
+                                      f"{', '.join(m for m in methods if m not in placed)}")
+            stages.append(ready)
+            placed |= set(ready)
+        return stages
 
     def inherited(self, setting: Overrides, method: str,
                   chosen: dict[tuple[Overrides, str], Overrides]) -> Overrides:
@@ -226,12 +239,15 @@ def _search(table: object, methods: dict, path: Path) -> Search:
         if method != "*" and method not in methods:
             raise ExperimentError(f"{where}: space names {method!r}, which is not a method "
                                   f"({', '.join(methods)})")
-        if not (isinstance(space, dict) and space
+        if not (isinstance(space, dict)
                 and all(isinstance(v, list) and v for v in space.values())):
             raise ExperimentError(f"{where}: space.{method} must map config keys to "
-                                  "non-empty lists of values")
-    return Search(validation, tuple(seeds), spaces,
-                  _shared(table.get("shared", {}), spaces, methods, where))
+                                  "non-empty lists of values ({} for a method that searches "
+                                  "nothing of its own)")
+    found = Search(validation, tuple(seeds), spaces,
+                   _shared(table.get("shared", {}), spaces, methods, where))
+    found.stages(list(methods))  # refuses a circle now, before any run
+    return found
 
 
 def _shared(table: object, spaces: dict, methods: dict, where: str) -> dict[str, dict[str, str]]:
@@ -246,12 +262,13 @@ def _shared(table: object, spaces: dict, methods: dict, where: str) -> dict[str,
                                   "mapping config keys to the method whose choice it takes")
         own = spaces.get(method, spaces.get("*", {}))
         for key, source in keys.items():
-            source_space = spaces.get(source, spaces.get("*", {})) if source in methods else {}
-            if key not in source_space or source in table or key in own:
+            chooses = (set(spaces.get(source, spaces.get("*", {})))
+                       | set(table.get(source, {}))) if source in methods else set()
+            if key not in chooses or key in own:
                 raise ExperimentError(
                     f"{where}: shared.{method}: {key!r} from {source!r} needs a method that "
-                    f"searches {key!r} itself, takes nothing from another, and a key "
-                    f"{method!r} does not search too")
+                    f"chooses {key!r} (searches it, or takes it from another), and a key "
+                    f"{method!r} does not search itself")
         out[method] = dict(keys)
     return out
 
@@ -287,10 +304,20 @@ def search(grid: Grid, jobs: int = 1, cluster: RayCluster | None = None
         _run_all(grid, [c for group in cells.values() for c in group], jobs, search=True,
                  cluster=cluster)
         for (setting, method), group in cells.items():
-            chosen[(setting, method)] = best_candidate(grid, group)
+            chosen[(setting, method)] = _choice(grid, setting, method, group, chosen)
             log.info("search %s %s: chose %s", method, dict(setting),
                      dict(chosen[(setting, method)]))
     return chosen
+
+
+def _choice(grid: Grid, setting: Overrides, method: str, group: list[Cell],
+            chosen: dict[tuple[Overrides, str], Overrides]) -> Overrides:
+    """The best of a method's search runs; with nothing of its own to search, the values it
+    takes from the others."""
+    assert grid.search is not None
+    if not group:
+        return grid.search.inherited(setting, method, chosen)
+    return best_candidate(grid, group)
 
 
 def _search_cells(grid: Grid, methods: list[str],
@@ -299,6 +326,7 @@ def _search_cells(grid: Grid, methods: list[str],
     assert grid.search is not None
     return {(setting, method): grid.search_cells(
                 setting, method, grid.search.inherited(setting, method, chosen))
+            if grid.search.own_space(method) else []
             for setting in grid.settings() for method in methods}
 
 
@@ -448,8 +476,8 @@ def chosen_so_far(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
         return {}
     chosen: dict[tuple[Overrides, str], Overrides] = {}
     for stage in grid.search.stages(list(grid.methods)):
-        for pair, group in _search_cells(grid, stage, chosen).items():
-            chosen[pair] = best_candidate(grid, group)
+        for (setting, method), group in _search_cells(grid, stage, chosen).items():
+            chosen[(setting, method)] = _choice(grid, setting, method, group, chosen)
     return chosen
 
 

@@ -248,6 +248,38 @@ def test_a_shared_value_is_the_other_methods_choice_at_the_same_setting(tmp_path
         load_grid(tmp_path / "bad.toml")
 
 
+def test_a_method_that_searches_nothing_takes_its_values_along_a_chain(tmp_path):
+    """A method with an empty space runs no search: it takes ZOWarmUp's learning rate, which
+    takes its warm-up's from High-Res-Only; a circle is refused when the grid is read."""
+    from orchestrator.experiment import ExperimentError, chosen_so_far, load_grid
+    grid_text = GRID.format(out=tmp_path / "runs").replace(
+        '"ZOWarmUp" = {{ "run.method" = "zowarmup" }}'.replace("{{", "{").replace("}}", "}"),
+        '"ZOWarmUp" = { "run.method" = "zowarmup" }\n'
+        '"Copy" = { "run.method" = "zowarmup", "zo.directions" = 2 }')
+    chain = SHARED.format() + ('"Copy" = { "warmup.client_lr" = "ZOWarmUp", '
+                               '"zo.lr" = "ZOWarmUp" }\n'
+                               '[search.space.Copy]\n')
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "grid.toml").write_text(grid_text + chain)
+    grid = load_grid(tmp_path / "grid.toml")
+    assert grid.search.stages(list(grid.methods)) == [["High-Res-Only"], ["ZOWarmUp"], ["Copy"]]
+    for setting in grid.settings():  # ZOWarmUp's (pretend) search: 1e-2 won
+        for cell in grid.search_cells(setting, "ZOWarmUp",
+                                      (("warmup.client_lr", 0.05),)):
+            run = cell.directory(grid.search_root())
+            run.mkdir(parents=True)
+            score = 0.9 if dict(cell.tuned)["zo.lr"] == 1e-2 else 0.5
+            (run / "summary.json").write_text(json.dumps({"final_val_acc": score}))
+    chosen = chosen_so_far(grid)  # High-Res-Only ran nothing: its first candidate, 0.05
+    for setting in grid.settings():
+        assert dict(chosen[(setting, "Copy")]) == {"warmup.client_lr": 0.05, "zo.lr": 1e-2}
+    circle = chain.replace('"ZOWarmUp" = { "warmup.client_lr" = "High-Res-Only" }',
+                           '"ZOWarmUp" = { "warmup.client_lr" = "Copy" }')
+    (tmp_path / "circle.toml").write_text(grid_text + circle)
+    with pytest.raises(ExperimentError, match="circle"):
+        load_grid(tmp_path / "circle.toml")
+
+
 def test_no_run_process_outlives_a_killed_experiment(tmp_path):
     """SIGKILL to `zowarmup experiment --jobs 2` while its runs are going: its job processes
     (and their workers) end on their own, none is left (checked by PID)."""
