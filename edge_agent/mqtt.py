@@ -20,6 +20,8 @@ What it takes care of:
 * After a lost connection paho reconnects with exponential backoff; every subscription is
   made again on each (re)connect, and QoS >= 1 publishes made meanwhile are sent then.
 * Inbound messages larger than ``max_inbound_bytes`` are dropped and counted, never queued.
+* Many QoS 0 messages at once (a round's starts) go to paho's network thread in batches
+  (``publish_many``): one wake-up and one socket write per batch, not per message.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -48,6 +50,7 @@ PROTOCOLS = {
     "5": MQTTProtocolVersion.MQTTv5,
 }
 DEFAULT_MAX_INBOUND_BYTES = 4 * 1024 * 1024
+BATCH_BYTES = 64 * 1024  # packets handed to paho at once by publish_many
 
 
 class _QuietCleanClose(logging.Filter):
@@ -189,7 +192,8 @@ class MqttTransport:
         self.dropped_oversize = 0
         self.dropped_bad_topic = 0
         self.connects = 0
-        self._inbox: queue.Queue[Message] = queue.Queue()
+        # SimpleQueue: a C queue, ~3 us a message cheaper across both threads than Queue
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -345,6 +349,54 @@ class MqttTransport:
             raise NotConnected(f"publish to {topic!r} failed: {exc}") from exc
         if not info.is_published():
             raise MqttError(f"publish to {topic!r}: no acknowledgement within {timeout:g} s")
+
+    def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> None:
+        """``publish(topic, payload, qos=0)`` for each message, in order, handed to paho's
+        network thread in batches of about ``BATCH_BYTES`` of packets instead of one by one.
+
+        paho wakes its network thread and writes the socket once per publish: a round's
+        thousand starts then cost ~11 ms of CPU here (and a thousand small reads in the
+        broker) where one batch costs ~1 ms. The packets are MQTT's own PUBLISH packets at
+        QoS 0 (no packet id, no acknowledgement), so the broker sees exactly what single
+        publishes would send. Like any QoS 0 publish, nothing goes out while disconnected.
+        """
+        queue_batch = getattr(self.client, "_packet_queue", None)  # paho's own queue
+        batch: list[bytes] = []
+        size = 0
+        for topic, payload in messages:
+            if not self.connected:
+                return
+            if queue_batch is None:  # a paho without it: one by one
+                self.publish(topic, payload, qos=0)
+                continue
+            packet = self._publish_packet(topic, payload)
+            batch.append(packet)
+            size += len(packet)
+            if size >= BATCH_BYTES:
+                queue_batch(paho.PUBLISH, b"".join(batch), 0, 0, paho.MQTTMessageInfo(0))
+                batch, size = [], 0
+        if batch and self.connected:
+            queue_batch(paho.PUBLISH, b"".join(batch), 0, 0, paho.MQTTMessageInfo(0))
+
+    def _publish_packet(self, topic: str, payload: bytes) -> bytes:
+        """A QoS 0 PUBLISH packet (MQTT 3.1.1 section 3.3; MQTT 5 adds an empty property
+        list), with the checks paho makes before it sends one."""
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        name = topic.encode("utf-8")
+        if not name or b"+" in name or b"#" in name or len(name) > 0xFFFF:
+            raise ValueError(f"cannot publish to topic {topic!r}")
+        properties = b"\x00" if self.protocol == "5" else b""
+        length = 2 + len(name) + len(properties) + len(payload)
+        if length > 268_435_455:
+            raise ValueError(f"a {len(payload)}-byte payload is over MQTT's limit")
+        header = bytearray(b"\x30")
+        while True:  # the remaining length, 7 bits a byte, least significant first
+            length, digit = divmod(length, 128)
+            header.append(digit | (0x80 if length else 0))
+            if not length:
+                break
+        return b"".join((header, len(name).to_bytes(2, "big"), name, properties, payload))
 
     def get(self, timeout: float | None = None) -> Message | None:
         """The next inbound message, or None if none arrives within ``timeout`` seconds

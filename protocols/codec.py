@@ -19,6 +19,8 @@ participant, commits as JSON pairs) are refused on the wire, and read only from 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from .errors import ProtocolError
 from .messages import MESSAGE_TYPES, Message
@@ -37,9 +39,41 @@ MAX_BYTES_BY_TYPE = {"hello": 16 << 10, "result": 64 << 10, "sync": 4 << 10,
                      "status": 1 << 10, "error": 8 << 10, "round": 64 << 10}
 
 
+# What ``json.dumps(body, allow_nan=False, separators=(",", ":"))`` makes, without a new
+# encoder per message (it holds no state between calls).
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def encode(message: Message) -> bytes:
     body = {"v": WIRE_VERSION, "type": message.type, **message.to_wire()}
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(body).encode()
+
+
+def encode_each(template: Message, varying: Sequence[str],
+                values: Iterable[Sequence[Any]]) -> Iterator[bytes]:
+    """``encode(m)`` for each message ``m`` that is ``template`` but for the fields named in
+    ``varying``, given as their wire values (one sequence per message, in ``varying``'s
+    order): the same bytes, with the fields that do not vary encoded once, not per message.
+    A round's starts differ only in their addressee and seeds."""
+    body = {"v": WIRE_VERSION, "type": template.type, **template.to_wire()}
+    if not set(varying) <= body.keys():
+        raise ValueError(f"{template.type} has no field(s) {set(varying) - body.keys()}")
+    texts, order, text = [], [], "{"
+    for i, (key, value) in enumerate(body.items()):  # as the encoder writes an object
+        text += ("," if i else "") + _ENCODER.encode(key) + ":"
+        if key in varying:
+            texts.append(text)
+            order.append(varying.index(key))
+            text = ""
+        else:
+            text += _ENCODER.encode(value)
+    texts.append(text + "}")
+    pieces = [""] * (2 * len(order) + 1)
+    pieces[::2] = texts
+    for vals in values:
+        for slot, index in enumerate(order):
+            pieces[2 * slot + 1] = _ENCODER.encode(vals[index])
+        yield "".join(pieces).encode()
 
 
 def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
@@ -61,8 +95,10 @@ def decode(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     return cls.from_wire(data)
 
 
-_NUMBERS = (int, float)
 _SCALARS = (int, float, bool, type(None))
+# orjson reads an integer past 64 bits as a float, where the strict reader keeps an int
+# (and refuses it as out of range, not as a float): such numbers go to the strict reader.
+_BIG = 2.0**63
 
 
 def _flat_object(payload: bytes | bytearray | memoryview, max_bytes: int) -> dict | None:
@@ -71,7 +107,8 @@ def _flat_object(payload: bytes | bytearray | memoryview, max_bytes: int) -> dic
 
     orjson keeps the last of repeated keys where the strict reader refuses them, so this
     path takes only what cannot hide a repeat: a flat object (values are strings, numbers
-    or lists of numbers: a result, a status, a sync request) with no backslash anywhere.
+    below 2**63 in magnitude, or lists of them: a result, a status, a sync request) with no
+    backslash anywhere.
     Its quotes are then exactly two per key and per string value, so a repeated key shows
     as quotes the parsed object does not account for. Anything else, a parse error
     included, goes to the strict reader, whose verdict and refusal code then stand.
@@ -93,8 +130,12 @@ def _flat_object(payload: bytes | bytearray | memoryview, max_bytes: int) -> dic
         kind = type(value)
         if kind is str:
             strings += 1
+        elif kind is float:
+            if not -_BIG < value < _BIG:
+                return None
         elif kind is list:
-            if not all(type(x) in _NUMBERS for x in value):
+            if not all(type(x) is int or (type(x) is float and -_BIG < x < _BIG)
+                       for x in value):
                 return None
         elif kind not in _SCALARS:
             return None

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import topics
-from .codec import decode, encode
+from .codec import decode, encode, encode_each
 from .compact import MAX_POOL, SeedSlots
 from .directions import APPLY_RULES, SUM64, DirectionSpec
 from .errors import ProtocolError
@@ -223,8 +223,10 @@ class Coordinator:
                          assignments, self.policy.deadline_s, self.policy.local_steps,
                          self.policy.step_lr, pool)
         self._round = _OpenRound(plan, per_agent, now + self.policy.deadline_s)
-        return [Send(topics.agent(self.run_id, agent, "inbox"), encode(plan.start_for(agent)),
-                     qos=0) for agent in participants]
+        payloads = encode_each(plan.start_for(participants[0]), ("agent_id", "seeds"),
+                               ((agent, list(assignments[agent])) for agent in participants))
+        return [Send(topics.agent(self.run_id, agent, "inbox"), payload, qos=0)
+                for agent, payload in zip(participants, payloads)]
 
     def ready(self, now: float) -> bool:
         """True once the quorum has answered or the deadline has passed."""
@@ -507,7 +509,9 @@ class Coordinator:
             self._gone_round = r.plan.round
             self._gone = {a for a in r.plan.participants if self.state_of(a)[0] == "offline"}
         outstanding = len(r.plan.participants) - len(r.results)
-        return outstanding > 0 and len(self._gone - r.results.keys()) >= outstanding
+        if outstanding <= 0 or len(self._gone) < outstanding:  # the usual answer, in O(1)
+            return False
+        return sum(agent not in r.results for agent in self._gone) >= outstanding
 
     def _attend(self, participants: Sequence[str], results: Mapping[str, Result]) -> None:
         """Count each participant's answer or miss: misses in a row make an agent offline."""

@@ -95,14 +95,34 @@ def _stream(seed: int, tensor_index: int, first_block: int) -> np.random.Philox:
     return np.random.Philox(key=key, counter=counter)
 
 
+_ZEROS4 = np.zeros(4, dtype=np.uint64)  # read, never written: the state setter copies it
+
+
 def _restart(generator: np.random.Philox, seed: int, tensor_index: int) -> np.random.Philox:
-    """``generator`` as ``_stream(seed, tensor_index, 0)`` makes it, without building one."""
+    """``generator`` as ``_stream(seed, tensor_index, 0)`` makes it, without building one
+    (``seed`` already checked: the setter takes the key's words as they are)."""
     generator.state = {"bit_generator": "Philox",
-                       "state": {"counter": np.zeros(4, dtype=np.uint64),
-                                 "key": np.array([seed, tensor_index], dtype=np.uint64)},
-                       "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4,
-                       "has_uint32": 0, "uinteger": 0}
+                       "state": {"counter": _ZEROS4, "key": [seed, tensor_index]},
+                       "buffer": _ZEROS4, "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
     return generator
+
+
+# Generators no plan is using. Building one costs ~25 us (numpy seeds it through a
+# SeedSequence), re-keying one ~1.5 us: a 1,000-pair commit would otherwise spend 25 ms
+# building the generators it re-keys anyway. A plan takes its own while it draws; at most
+# _MAX_IDLE_STREAMS (~1.4 KB each) wait for the next.
+_IDLE_STREAMS: list[np.random.Philox] = []
+_MAX_IDLE_STREAMS = 4096
+
+
+def _take_streams(count: int) -> list[np.random.Philox]:
+    taken = []
+    while len(taken) < count:
+        try:
+            taken.append(_IDLE_STREAMS.pop())  # atomic: threads never share one
+        except IndexError:
+            taken.append(np.random.Philox(0))
+    return taken
 
 
 def direction(spec: DirectionSpec, seed: int, tensor_index: int, start: int, count: int
@@ -190,12 +210,10 @@ class CommitPlan:
         _no_categorical(spec)
         self.spec = spec
         self.seeds = [check_seed(s) for s, _ in pairs]
-        # one generator per pair, re-keyed per tensor: cheaper than a new one each time
-        self._streams = [np.random.Philox(0) for _ in self.seeds]
         self.steps = np.array([c for _, c in pairs], dtype=np.float32).astype(np.float64)
         if spec.distribution == RADEMACHER:
             d = self.steps * float(np.float32(spec.scale))  # exact: two float32 factors
-            self.tables = [_group_sums(d[g:g + GROUP]) for g in range(0, d.size, GROUP)]
+            self.tables = _group_tables(d)
 
     def totals(self, size: int, tensor_index: int, chunk: int = CHUNK
                ) -> Iterator[tuple[int, np.ndarray]]:
@@ -205,13 +223,19 @@ class CommitPlan:
             raise ValueError(f"chunk must be a multiple of {_BLOCK_PARAMS}, got {chunk}")
         if not self.seeds:
             return
-        streams = [_restart(bg, seed, tensor_index) for bg, seed in zip(self._streams, self.seeds)]
-        for start in range(0, size, chunk):
-            n = min(chunk, size - start)
-            if self.spec.distribution == RADEMACHER:
-                yield start, self._rademacher(streams, n)
-            else:
-                yield start, self._gaussian(streams, n)
+        # one generator per pair, re-keyed per tensor, and idle again once this one is drawn
+        streams = _take_streams(len(self.seeds))
+        try:
+            for stream, seed in zip(streams, self.seeds):
+                _restart(stream, seed, tensor_index)
+            for start in range(0, size, chunk):
+                n = min(chunk, size - start)
+                if self.spec.distribution == RADEMACHER:
+                    yield start, self._rademacher(streams, n)
+                else:
+                    yield start, self._gaussian(streams, n)
+        finally:
+            _IDLE_STREAMS.extend(streams[:max(0, _MAX_IDLE_STREAMS - len(_IDLE_STREAMS))])
 
     def _rademacher(self, streams: list[np.random.Philox], n: int) -> np.ndarray:
         words = -(-n // 64)
@@ -254,13 +278,38 @@ def apply_summed(weights: Sequence[np.ndarray], spec: DirectionSpec,
             subtract_rounded(flat[start:start + total.size], total)
 
 
+_GROUP_BITS = ((np.arange(256)[:, None] >> np.arange(GROUP)) & 1) == 1  # [entry, pair]
+_TABLES_AT_ONCE = 1024  # groups whose sums are made together (~2 MB of sums)
+
+
+def _group_tables(d: np.ndarray) -> list[np.ndarray]:
+    """:func:`_group_sums` of every group of ``d`` in turn, the full groups together.
+
+    Entry ``b``'s sum over the first ``k + 1`` pairs depends only on the low ``k + 1`` bits
+    of ``b``, so the table is built by doubling: the sums over pairs ``0..k-1`` (indexed by
+    the low bits), then each plus ``-d_k`` (bit ``k`` clear) and each plus ``+d_k`` (set).
+    Every entry is then the same left-to-right sum of the same terms, so the same bits."""
+    full = d.size // GROUP * GROUP
+    tables: list[np.ndarray] = []
+    for lo in range(0, full, _TABLES_AT_ONCE * GROUP):
+        groups = d[lo:min(full, lo + _TABLES_AT_ONCE * GROUP)].reshape(-1, GROUP)
+        total = np.stack([-groups[:, 0], groups[:, 0]], axis=1)  # [group, low bits]
+        for k in range(1, GROUP):
+            total = np.concatenate([total + (-groups[:, k:k + 1]), total + groups[:, k:k + 1]],
+                                   axis=1)
+        tables.extend(total)
+    if full < d.size:
+        tables.append(_group_sums(d[full:]))
+    return tables
+
+
 def _group_sums(d: np.ndarray) -> np.ndarray:
     """The 256 sums of a group: entry ``b`` is ``(+-d_0) + (+-d_1) + ...`` left to right,
     ``+d_k`` where bit ``k`` of ``b`` is 1. Bits past the group's pairs are always 0."""
-    bits = (np.arange(256)[:, None] >> np.arange(d.size)) & 1
-    total = np.where(bits[:, 0] == 1, d[0], -d[0])
+    bits = _GROUP_BITS[:, :d.size]
+    total = np.where(bits[:, 0], d[0], -d[0])
     for k in range(1, d.size):
-        total = total + np.where(bits[:, k] == 1, d[k], -d[k])
+        total = total + np.where(bits[:, k], d[k], -d[k])
     return total
 
 

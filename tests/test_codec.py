@@ -7,13 +7,14 @@ import contextlib
 import json
 import math
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import topics
-from protocols.codec import MAX_MESSAGE_BYTES, decode, encode
+from protocols.codec import MAX_MESSAGE_BYTES, decode, encode, encode_each
 from protocols.compact import SeedSlots, from_runs, to_runs
 from protocols.directions import DirectionSpec
 from protocols.errors import ProtocolError
@@ -96,6 +97,29 @@ messages = st.one_of(
 @settings(max_examples=300, deadline=None)
 def test_every_message_round_trips_exactly(message):
     assert decode(encode(message)) == message
+
+
+round_starts = st.builds(
+    RoundStart, st.integers(0, 10**6), fp, st.floats(1e-6, 1), ids,
+    st.lists(seeds, min_size=1, max_size=3, unique=True).map(tuple), st.floats(0.1, 100),
+    st.just(1), st.floats(0, 1), st.sampled_from([0, 3, 1024]))
+
+
+@given(round_starts, st.lists(st.tuples(st.text(max_size=12), st.lists(seeds, max_size=4)),
+                              max_size=5))
+@settings(max_examples=100, deadline=None)
+def test_starts_encoded_from_a_template_are_the_bytes_encode_gives(template, others):
+    """A round's starts are encoded once for the fields they share (``encode_each``):
+    each must be byte for byte what encoding its own message gives (ids with any
+    characters, seeds of any count, included)."""
+    got = list(encode_each(template, ("agent_id", "seeds"),
+                           [(a, list(s)) for a, s in others]))
+    want = [encode(replace(template, agent_id=a, seeds=tuple(s))) for a, s in others]
+    assert got == want
+    assert list(encode_each(template, ("seeds", "agent_id"),
+                            [(list(s), a) for a, s in others])) == want
+    with pytest.raises(ValueError, match="no field"):
+        list(encode_each(template, ("agent", "seeds"), [("a", [1])]))
 
 
 @given(st.binary(max_size=300))

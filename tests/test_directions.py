@@ -140,6 +140,28 @@ def test_a_summed_commit_is_the_written_rule_in_any_chunking(seeds, size, dist, 
     assert got.tobytes() == want.tobytes()
 
 
+def test_plans_drawn_together_give_the_bits_of_the_written_rule():
+    """Plans share idle generators and make their sign tables in batches of groups: two
+    plans drawn interleaved, one with more groups than a batch, zero and negative-zero
+    coefficients among them, each give the bits of the rule as written."""
+    spec, size = DirectionSpec(), 300
+    rng = np.random.default_rng(11)
+    many = [(int(s), float(c)) for s, c in zip(rng.integers(0, 2**64, 8 * 1024 + 13,
+                                                            dtype=np.uint64),
+                                                rng.standard_normal(8 * 1024 + 13) * 1e-6)]
+    many[5], many[8200] = (many[5][0], 0.0), (many[8200][0], -0.0)
+    few = [(int(s), float(c)) for s, c in zip(rng.integers(0, 2**63, 11), [-0.0] * 3 + [2e-3] * 8)]
+    w = rng.standard_normal(size).astype(np.float32)
+    got = {0: w.copy(), 1: w.copy()}
+    draws = [CommitPlan(spec, pairs).totals(size, 0, 256) for pairs in (many, few)]
+    for (start, t_many), (_, t_few) in zip(*draws):
+        for key, total in ((0, t_many), (1, t_few)):
+            part = got[key][start:start + total.size]
+            part[...] = (part.astype(np.float64) - total).astype(np.float32)
+    assert got[0].tobytes() == _summed_by_the_letter(w, spec, many).tobytes()
+    assert got[1].tobytes() == _summed_by_the_letter(w, spec, few).tobytes()
+
+
 def test_small_steps_survive_the_summed_rule_and_are_lost_pair_by_pair():
     """Weights near 1.0 (ulp 1.2e-7), 400 pairs of |c| = 3e-8: pair by pair, almost every
     addend rounds away; summed in float64 and rounded once, the step lands within an ulp."""

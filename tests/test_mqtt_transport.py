@@ -104,6 +104,36 @@ def test_binary_round_trip(mosquitto, clients, protocol):
     assert sub.received == len(payloads)
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_publish_many_delivers_every_message_in_order(mosquitto, clients, protocol):
+    """A batch goes to paho's queue as one write of MQTT PUBLISH packets: the subscriber
+    must get every message, in order, byte for byte, as from single publishes, across
+    batch boundaries (BATCH_BYTES) and around a message bigger than a batch."""
+    from edge_agent.mqtt import BATCH_BYTES
+    sub = clients(mosquitto.url, protocol=protocol)
+    pub = clients(mosquitto.url, protocol=protocol)
+    sub.subscribe("zowarmup-test/many/#", qos=0)
+    settle(sub)
+    sent = [(f"zowarmup-test/many/{i}/é", bytes([i % 256]) * (i * 37 % 300)) for i in range(1500)]
+    sent.insert(700, ("zowarmup-test/many/big", bytes(range(256)) * (BATCH_BYTES // 128)))
+    assert sum(len(t) + len(p) for t, p in sent) > 3 * BATCH_BYTES
+    pub.publish_many(iter(sent))
+    got, deadline = [], time.monotonic() + 10
+    while len(got) < len(sent) and (msg := sub.get(max(0.0, deadline - time.monotonic()))):
+        got.append(msg)
+    assert got == [Message(t, p, False) for t, p in sent]
+    assert sub.get(timeout=0.2) is None
+
+
+def test_publish_many_refuses_what_publish_refuses(mosquitto, clients):
+    t = clients(mosquitto.url)
+    for topic in ("zowarmup-test/+/x", "zowarmup-test/#", ""):
+        with pytest.raises(ValueError, match="topic"):
+            t.publish_many([(topic, b"x")])
+    with pytest.raises(TypeError, match="bytes"):
+        t.publish_many([("zowarmup-test/q", "text")])
+
+
 def test_qos1_publish_wait_is_acknowledged_and_payload_must_be_bytes(mosquitto, clients):
     t = clients(mosquitto.url)
     t.publish("zowarmup-test/q", bytearray(b"abc"), qos=1, wait=True, timeout=5)

@@ -216,9 +216,19 @@ class MqttFleet:
             self.publish_snapshot()
 
     def _send(self, sends: Sequence[Send], wait: bool = False) -> None:
+        """Publish in order; runs of QoS 0 messages (a round's starts) go out in batches."""
+        batch: list[tuple[str, bytes]] = []
         for send in sends:
+            if send.qos == 0 and not send.retain:
+                batch.append((send.topic, send.payload))
+                continue
+            if batch:
+                self.transport.publish_many(batch)
+                batch = []
             self.transport.publish(send.topic, send.payload, qos=send.qos, retain=send.retain,
                                    wait=wait and send.qos > 0)
+        if batch:
+            self.transport.publish_many(batch)
 
 
 def _first(skipped: dict[str, str], count: int = 5) -> str:
