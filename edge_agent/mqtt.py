@@ -390,12 +390,16 @@ class MqttTransport:
         length = 2 + len(name) + len(properties) + len(payload)
         if length > 268_435_455:
             raise ValueError(f"a {len(payload)}-byte payload is over MQTT's limit")
-        header = bytearray(b"\x30")
-        while True:  # the remaining length, 7 bits a byte, least significant first
-            length, digit = divmod(length, 128)
-            header.append(digit | (0x80 if length else 0))
-            if not length:
-                break
+        if length < 16384:  # a round start's: one or two bytes of length
+            header = bytes((0x30, length) if length < 128 else
+                           (0x30, 0x80 | (length & 0x7F), length >> 7))
+        else:
+            header = bytearray(b"\x30")
+            while True:  # the remaining length, 7 bits a byte, least significant first
+                length, digit = divmod(length, 128)
+                header.append(digit | (0x80 if length else 0))
+                if not length:
+                    break
         return b"".join((header, len(name).to_bytes(2, "big"), name, properties, payload))
 
     def get(self, timeout: float | None = None) -> Message | None:

@@ -116,6 +116,8 @@ def test_publish_many_delivers_every_message_in_order(mosquitto, clients, protoc
     settle(sub)
     sent = [(f"zowarmup-test/many/{i}/é", bytes([i % 256]) * (i * 37 % 300)) for i in range(1500)]
     sent.insert(700, ("zowarmup-test/many/big", bytes(range(256)) * (BATCH_BYTES // 128)))
+    sent += [(f"zowarmup-test/many/edge/{n}", b"e" * n)  # one, two and three length bytes
+             for n in [*range(80, 120), *range(16_320, 16_370)]]
     assert sum(len(t) + len(p) for t, p in sent) > 3 * BATCH_BYTES
     pub.publish_many(iter(sent))
     got, deadline = [], time.monotonic() + 10
