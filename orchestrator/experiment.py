@@ -481,6 +481,31 @@ def chosen_so_far(grid: Grid) -> dict[tuple[Overrides, str], Overrides]:
     return chosen
 
 
+def edges(grid: Grid, method: str, chosen: Overrides) -> list[str]:
+    """The fields of ``method``'s own search whose chosen value is the first or last of its
+    candidates: a best at the edge of a grid may lie beyond it, so a table says so."""
+    space = grid.search.own_space(method) if grid.search else {}
+    return [key for key, value in chosen
+            if len(space.get(key, ())) > 1 and value in (space[key][0], space[key][-1])]
+
+
+def search_scores(grid: Grid, setting: Overrides, method: str,
+                  chosen: dict[tuple[Overrides, str], Overrides]) -> list[dict]:
+    """Every candidate of ``method``'s own search at ``setting`` with its mean final
+    validation accuracy (None: not run or diverged), so a reader sees how flat it was."""
+    if grid.search is None or not grid.search.own_space(method):
+        return []
+    inherited = grid.search.inherited(setting, method, chosen)
+    scores: dict[Overrides, list] = {}
+    for cell in grid.search_cells(setting, method, inherited):
+        summary = _summary(cell.directory(grid.search_root()))
+        scores.setdefault(cell.tuned[len(inherited):], []).append(
+            summary.get("final_val_acc") if summary else None)
+    return [{"values": dict(candidate),
+             "val_acc": None if None in vals else sum(vals) / len(vals)}
+            for candidate, vals in scores.items()]
+
+
 def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None = None
                ) -> list[dict]:
     rows: dict[tuple, dict] = {}
@@ -494,7 +519,10 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
             "dataset": config.data.dataset, "model": config.model.name,
             "split": config.data.split, "method": cell.method,
             "setting": {k: v for k, v in cell.setting}, "chosen": dict(cell.tuned),
-            "seeds": [], "accuracies": [], "diverged_seeds": [], "pivot_accuracies": []})
+            "at_edge": edges(grid, cell.method, cell.tuned),
+            "search": search_scores(grid, cell.setting, cell.method, chosen or {}),
+            "seeds": [], "accuracies": [], "diverged_seeds": [], "pivot_accuracies": [],
+            "pivot_rounds": []})
         if diverged:
             row["diverged_seeds"].append(cell.seed)
             continue
@@ -503,6 +531,7 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
         row["accuracies"].append(summary["final_acc"])
         if summary.get("pivot_acc") is not None:  # ZOWarmUp: the warm-up's model at the pivot
             row["pivot_accuracies"].append(summary["pivot_acc"])
+            row["pivot_rounds"].append(summary.get("pivot_round"))
     for row in rows.values():
         pivots = row["pivot_accuracies"]
         row["pivot_mean"] = sum(pivots) / len(pivots) if pivots else None
@@ -522,6 +551,23 @@ def _cell_text(row: dict) -> str:
     return text + (f", {lost} of {lost + len(row['seeds'])} seeds diverged" if lost else "")
 
 
+def _chosen_text(row: dict) -> str:
+    """The chosen values, a value at the edge of its own search's grid marked with ``*``."""
+    return ", ".join(f"{k.split('.')[-1]} {v}{'*' if k in row['at_edge'] else ''}"
+                     for k, v in row["chosen"].items()) or "-"
+
+
+def _pivot_text(row: dict) -> str:
+    """The mean accuracy at the pivot, and the mean pivot round when it varies by seed."""
+    if row["pivot_mean"] is None:
+        return "-"
+    rounds = [r for r in row["pivot_rounds"] if r is not None]
+    text = f"{100 * row['pivot_mean']:.2f}"
+    if rounds and len(set(rounds)) > 1:
+        return text + f" (round {sum(rounds) / len(rounds):.0f}, {min(rounds)}–{max(rounds)})"
+    return text + (f" (round {rounds[0]})" if rounds else "")
+
+
 def markdown(grid: Grid, rows: list[dict], chosen: bool = False, pivot: bool = False) -> str:
     """Settings down, methods across, ``mean (std)`` in percent, as the paper's tables
     (or, with ``chosen``, the values the search picked for each cell; with ``pivot``, the
@@ -536,13 +582,10 @@ def markdown(grid: Grid, rows: list[dict], chosen: bool = False, pivot: bool = F
             match = [r for r in rows if tuple(r["setting"].items()) == setting
                      and r["method"] == method]
             if chosen:
-                cells.append(", ".join(f"{k.split('.')[-1]} {v}"
-                                       for k, v in match[0]["chosen"].items())
-                             if match else "-")
+                cells.append(_chosen_text(match[0]) if match else "-")
                 continue
             if pivot:
-                value = match[0]["pivot_mean"] if match else None
-                cells.append("-" if value is None else f"{100 * value:.2f}")
+                cells.append(_pivot_text(match[0]) if match else "-")
                 continue
             cells.append(_cell_text(match[0]) if match else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -557,17 +600,20 @@ def write_results(grid: Grid, rows: list[dict], out_dir: Path, command: str) -> 
     tuned = ""
     if grid.search:
         tuned = (f"\nValues chosen on a validation split ({grid.search.validation:.0%} of the "
-                 f"training data, seeds {list(grid.search.seeds)}):\n\n"
-                 f"{markdown(grid, rows, chosen=True)}")
+                 f"training data, seeds {list(grid.search.seeds)}; * the first or last value "
+                 "of its search's grid; every candidate's validation accuracy is in the "
+                 f"JSON):\n\n{markdown(grid, rows, chosen=True)}")
     pivots = ""
     if any(r["pivot_mean"] is not None for r in rows):
         pivots = ("\nTest accuracy at the pivot (the warm-up's model, before any ZO round), "
-                  f"mean over the same seeds:\n\n{markdown(grid, rows, pivot=True)}")
+                  "mean over the same seeds, and the pivot round (mean, range):\n\n"
+                  f"{markdown(grid, rows, pivot=True)}")
     md.write_text(f"# {grid.name}\n\nFinal test accuracy, mean (std) over {seeds} seed(s), "
                   f"in percent.\n\n{markdown(grid, rows)}{pivots}{tuned}\nMade by:\n\n"
                   f"```sh\n{command}\n```\n")
     keys = ("dataset", "model", "split", "method", "setting", "chosen", "seeds", "mean", "std",
-            "accuracies", "diverged_seeds", "pivot_mean", "pivot_accuracies")
+            "accuracies", "diverged_seeds", "pivot_mean", "pivot_accuracies", "pivot_rounds",
+            "at_edge", "search")
     js.write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
     plot(grid, rows, png)
     return [md, js, png]

@@ -68,6 +68,9 @@ def test_a_grid_runs_every_cell_and_tabulates_mean_and_std(tmp_path, monkeypatch
     assert by_method["High-Res-Only"]["pivot_mean"] is None  # no pivot: it never switches
     assert 0.0 <= by_method["ZOWarmUp"]["pivot_mean"] <= 1.0
     assert "at the pivot" in files[0].read_text()
+    pivot_round = by_method["ZOWarmUp"]["pivot_rounds"][0]
+    assert by_method["ZOWarmUp"]["pivot_rounds"] == [pivot_round] * 2  # a fixed pivot
+    assert f"(round {pivot_round})" in files[0].read_text()
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # finished runs are kept: a second call runs nothing and gives the same table
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
@@ -119,7 +122,14 @@ def test_a_search_chooses_on_the_validation_split_and_never_a_diverged_value(tmp
     finals = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("summary.json")
               if search_root not in p.parents]
     assert len(finals) == 2 and all(s["final_val_acc"] is None for s in finals)
-    assert "lr 0.001" in markdown(grid, rows, chosen=True)
+    assert "lr 0.001*" in markdown(grid, rows, chosen=True)  # the first of its grid
+    assert by_method["ZOWarmUp"]["at_edge"] == ["zo.lr"]
+    scores = {s["values"]["zo.lr"]: s["val_acc"] for s in by_method["ZOWarmUp"]["search"]}
+    assert scores[1e6] is None and 0.0 <= scores[1e-3] <= 1.0  # diverged: no score
+    hro = by_method["High-Res-Only"]["search"]
+    assert [s["values"]["warmup.client_lr"] for s in hro] == [0.05, 0.2]
+    best = max(hro, key=lambda s: s["val_acc"])["values"]["warmup.client_lr"]
+    assert by_method["High-Res-Only"]["chosen"] == {"warmup.client_lr": best}
 
 
 def test_the_validation_split_comes_from_training_data_only():
