@@ -573,7 +573,9 @@ def partition(config_file: Path, out: Path, overrides: tuple[str, ...]) -> None:
 @click.argument("grid_file", metavar="GRID",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write the table (Markdown, JSON), its plot and the command here.")
+              help="Write the table (Markdown; JSON with the curves and every search "
+                   "candidate's score), a bar plot, the accuracy curves (NAME-curves.png) "
+                   "and the command here.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a field in every run (e.g. --set zo.rounds=20 for a quick look).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True,

@@ -64,7 +64,7 @@ from protocols.errors import ZoError
 from .cluster import LOCAL, RayCluster, ray_cluster
 from .config import Config, load_config
 from .run.job import execute
-from .run.state import SUMMARY, Diverged
+from .run.state import METRICS, SUMMARY, Diverged, read_metrics
 
 log = logging.getLogger("zowarmup.experiment")
 
@@ -522,7 +522,7 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
             "at_edge": edges(grid, cell.method, cell.tuned),
             "search": search_scores(grid, cell.setting, cell.method, chosen or {}),
             "seeds": [], "accuracies": [], "diverged_seeds": [], "pivot_accuracies": [],
-            "pivot_rounds": []})
+            "pivot_rounds": [], "curves": []})
         if diverged:
             row["diverged_seeds"].append(cell.seed)
             continue
@@ -532,7 +532,10 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
         if summary.get("pivot_acc") is not None:  # ZOWarmUp: the warm-up's model at the pivot
             row["pivot_accuracies"].append(summary["pivot_acc"])
             row["pivot_rounds"].append(summary.get("pivot_round"))
+        row["curves"].append({r["round"]: r["test_acc"] for r in read_metrics(run_dir / METRICS)
+                              if r.get("test_acc") is not None})
     for row in rows.values():
+        row["curve"] = _mean_curve(row.pop("curves"))
         pivots = row["pivot_accuracies"]
         row["pivot_mean"] = sum(pivots) / len(pivots) if pivots else None
         accs = row["accuracies"]
@@ -540,6 +543,20 @@ def table_rows(grid: Grid, chosen: dict[tuple[Overrides, str], Overrides] | None
         row["std"] = (math.sqrt(sum((a - row["mean"]) ** 2 for a in accs) / len(accs))
                       if accs else None)
     return list(rows.values())
+
+
+def _mean_curve(curves: list[dict[int, float]]) -> list[list[float]]:
+    """``[round, mean, std]`` of test accuracy over the seeds, at the rounds every seed's run
+    evaluated (a seed that diverged has no curve and is left out, as from the table)."""
+    if not curves:
+        return []
+    rounds = sorted(set.intersection(*(set(c) for c in curves)))
+    points = []
+    for r in rounds:
+        accs = [c[r] for c in curves]
+        mean = sum(accs) / len(accs)
+        points.append([r, mean, math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))])
+    return points
 
 
 def _cell_text(row: dict) -> str:
@@ -596,6 +613,7 @@ def write_results(grid: Grid, rows: list[dict], out_dir: Path, command: str) -> 
     """The table as Markdown and JSON, a plot, and the command that made them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js, png = (out_dir / f"{grid.name}.{ext}" for ext in ("md", "json", "png"))
+    curves_png = out_dir / f"{grid.name}-curves.png"
     seeds = len(grid.seeds)
     tuned = ""
     if grid.search:
@@ -613,10 +631,11 @@ def write_results(grid: Grid, rows: list[dict], out_dir: Path, command: str) -> 
                   f"```sh\n{command}\n```\n")
     keys = ("dataset", "model", "split", "method", "setting", "chosen", "seeds", "mean", "std",
             "accuracies", "diverged_seeds", "pivot_mean", "pivot_accuracies", "pivot_rounds",
-            "at_edge", "search")
+            "at_edge", "search", "curve")
     js.write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
     plot(grid, rows, png)
-    return [md, js, png]
+    plot_curves(grid, rows, curves_png)
+    return [md, js, png, curves_png]
 
 
 def plot(grid: Grid, rows: list[dict], path: Path) -> None:
@@ -644,6 +663,43 @@ def plot(grid: Grid, rows: list[dict], path: Path) -> None:
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title(grid.name)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_curves(grid: Grid, rows: list[dict], path: Path) -> None:
+    """Test accuracy against round, one panel per setting: each method's mean over the
+    seeds with a band of one standard deviation, and a dotted line at its mean pivot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = list(dict.fromkeys(tuple(r["setting"].items()) for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(settings)), squeeze=False, sharey=True,
+                             figsize=(max(6, 3.2 * len(settings)), 3.6))
+    for ax, setting in zip(axes[0], settings):
+        for m, method in enumerate(grid.methods):
+            match = [r for r in rows if tuple(r["setting"].items()) == setting
+                     and r["method"] == method and r["curve"]]
+            if not match:
+                continue
+            rounds, means, stds = zip(*match[0]["curve"])
+            lo = [100 * (a - d) for a, d in zip(means, stds)]
+            hi = [100 * (a + d) for a, d in zip(means, stds)]
+            ax.plot(rounds, [100 * a for a in means], color=f"C{m % 10}", label=method)
+            ax.fill_between(rounds, lo, hi, color=f"C{m % 10}", alpha=0.2, linewidth=0)
+            pivots = [p for p in match[0]["pivot_rounds"] if p]
+            if pivots:
+                ax.axvline(sum(pivots) / len(pivots), color=f"C{m % 10}", linestyle=":",
+                           linewidth=1)
+        ax.set_title(", ".join(f"{k.split('.')[-1]} {v}" for k, v in setting) or grid.name,
+                     fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{grid.name}: mean over seeds, band ±1 std, dotted: mean pivot",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

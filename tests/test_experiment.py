@@ -72,6 +72,10 @@ def test_a_grid_runs_every_cell_and_tabulates_mean_and_std(tmp_path, monkeypatch
     assert by_method["ZOWarmUp"]["pivot_rounds"] == [pivot_round] * 2  # a fixed pivot
     assert f"(round {pivot_round})" in files[0].read_text()
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files[3].name == "tiny-grid-curves.png" and files[3].read_bytes()[:4] == b"\x89PNG"
+    for r in data:  # the curve ends at the final accuracies the table averages
+        rnd, mean, std = r["curve"][-1]
+        assert mean == pytest.approx(r["mean"]) and std == pytest.approx(r["std"])
     # finished runs are kept: a second call runs nothing and gives the same table
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
     assert markdown(grid, run_grid(grid)) == table
