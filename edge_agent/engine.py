@@ -99,6 +99,11 @@ def session_options(threads: int | None, shared_arena: bool = True) -> ort.Sessi
 
 
 STRATEGIES = ("auto", "native", "inputs", "constants")
+# How a round returns to the weights it started from after each probe: "undo" regenerates
+# z and patches what float32 rounding lost (no second copy of the weights: the device's
+# way); "copy" keeps a copy for the round and copies it back (a host with memory to spare,
+# e.g. the simulation's workers: half the direction draws). The bits are the same.
+RESTORES = ("undo", "copy")
 
 
 class ZoEngine:
@@ -114,7 +119,11 @@ class ZoEngine:
     def __init__(self, model_dir: Path, shard: Shard, spec: DirectionSpec | None = None,
                  micro_batch: int | None = 64, threads: int | None = None,
                  verify: bool = True, manifest: Manifest | None = None,
-                 strategy: str = "auto", memory_budget_mb: float | None = None) -> None:
+                 strategy: str = "auto", memory_budget_mb: float | None = None,
+                 restore: str = "undo") -> None:
+        if restore not in RESTORES:
+            raise ValueError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
+        self.restore_by = restore
         self.model_dir = Path(model_dir)
         self.manifest = manifest or load_manifest(self.model_dir, verify=verify)
         self.shard = check_shard(shard, self.manifest)
@@ -333,26 +342,45 @@ class ZoEngine:
         losses: list[float] = []
         local_undo: list[tuple[int, float, Undo]] = []
         largest = 0
+        start = self.weights.buffer.copy() if self.restore_by == "copy" else None
+        base = start
         for step in range(local_steps):
             step_seeds = seeds[step * per_step:(step + 1) * per_step]
             for seed in step_seeds:
                 pair = []
                 for alpha in (eps, -eps):
-                    undo = self.perturb(seed, alpha)
-                    largest = max(largest, undo.size)
-                    pair.append(self.evaluate()[0])
-                    self.restore(seed, alpha, undo)
-                    del undo
+                    loss, undone = self._probe(seed, alpha, base)
+                    largest = max(largest, undone)
+                    pair.append(loss)
                 scalars.append(projected_gradient(pair[0], pair[1], eps))
                 losses += pair
             if step + 1 < local_steps:
                 for seed, g in zip(step_seeds, scalars[-per_step:]):
                     alpha = -local_lr * g / per_step
-                    local_undo.append((seed, alpha, self.perturb(seed, alpha)))
+                    if start is None:
+                        local_undo.append((seed, alpha, self.perturb(seed, alpha)))
+                    else:
+                        self.weights.axpy(seed, alpha, self.spec)
+                base = None if start is None else self.weights.buffer.copy()
         for seed, alpha, undo in reversed(local_undo):
             self.restore(seed, alpha, undo)
+        if start is not None:
+            np.copyto(self.weights.buffer, start)
         return RoundOutput(tuple(scalars), float(np.mean(losses)), len(self.shard),
                            time.perf_counter() - started, largest)
+
+    def _probe(self, seed: int, alpha: float, base: np.ndarray | None) -> tuple[float, int]:
+        """The loss at ``w + alpha z(seed)``, the weights left as they were: by ``base``, a
+        copy of them, where there is one, else by undoing; and the undo log's size."""
+        if base is None:
+            undo = self.perturb(seed, alpha)
+            loss = self.evaluate()[0]
+            self.restore(seed, alpha, undo)
+            return loss, undo.size
+        self.weights.axpy(seed, alpha, self.spec)  # the same ``part += delta`` as perturb
+        loss = self.evaluate()[0]
+        np.copyto(self.weights.buffer, base)
+        return loss, 0
 
     def apply(self, commits: Sequence[CommitMessage]) -> str:
         """Apply commits in order (``w <- w - sum_j c_j z(seed_j)``); the new fingerprint."""

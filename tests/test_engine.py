@@ -79,6 +79,29 @@ def test_local_steps_are_undone_and_change_later_scalars(engine):
     assert steps.scalars[:2] == single.scalars[:2] and steps.scalars[2:] != single.scalars[2:]
 
 
+@pytest.mark.parametrize("local_steps", [1, 3])
+def test_restoring_by_copy_gives_the_bits_and_scalars_of_restoring_by_undo(
+        model_dir, digits, local_steps):
+    """The simulation's workers keep a copy of the weights instead of undoing each probe;
+    every scalar, and the weights after the round and after its commit, are the same bits."""
+    x, y = digits
+    engines = [ZoEngine(model_dir[0], Shard(x[:120], y[:120]), micro_batch=32, restore=way)
+               for way in ("undo", "copy")]
+    seeds = [derive_seed(7, 0, 0, j) for j in range(6)]
+    before = engines[0].fingerprint()
+    # eps large enough that float32 rounding loses bits the undo log must patch
+    outs = [e.round(seeds, 0.3, local_steps=local_steps, local_lr=0.2) for e in engines]
+    assert outs[0].scalars == outs[1].scalars and outs[0].loss == outs[1].loss
+    assert outs[0].undo_elements > 0 and outs[1].undo_elements == 0
+    assert [e.fingerprint() for e in engines] == [before, before]
+    commit = Commit(0, tuple(zip(seeds, (1e-3 * g for g in outs[0].scalars))))
+    for e in engines:
+        e.apply([CommitMessage(commit, before)])
+    assert engines[0].fingerprint() == engines[1].fingerprint() != before
+    with pytest.raises(ValueError, match="restore must be one of"):
+        ZoEngine(model_dir[0], Shard(x[:8], y[:8]), restore="later")
+
+
 def test_applying_commits_matches_the_protocol_and_lowers_the_loss(engine, model_dir):
     reference = read_weights(model_dir[0], load_manifest(model_dir[0]))[1]
     start_loss = engine.evaluate()[0]
