@@ -64,7 +64,7 @@ from protocols.errors import ZoError
 from .cluster import LOCAL, RayCluster, ray_cluster
 from .config import Config, load_config
 from .run.job import execute
-from .run.state import METRICS, SUMMARY, Diverged, read_metrics
+from .run.state import METRICS, SUMMARY, Diverged, held, read_metrics
 
 log = logging.getLogger("zowarmup.experiment")
 
@@ -420,7 +420,7 @@ def _finished(grid: Grid, cell: Cell, search: bool) -> bool:
 def _run(grid: Grid, cell: Cell, label: str, search: bool = False,
          workers: int | None = None) -> None:
     if not _finished(grid, cell, search):
-        run_config(*_task_args(grid, cell, label, search), workers)
+        claimed_run(*_task_args(grid, cell, label, search), workers)
 
 
 def _task_args(grid: Grid, cell: Cell, label: str, search: bool
@@ -434,7 +434,17 @@ def _task_args(grid: Grid, cell: Cell, label: str, search: bool
 def _task(config: Config, run_dir: Path, label: str, search: bool) -> None:
     """One run as a Ray task: in a worker process of any node, as a ``--jobs`` process."""
     _job_logging()
-    run_config(config, run_dir, label, search, 1)
+    claimed_run(config, run_dir, label, search, 1)
+
+
+def claimed_run(config: Config, run_dir: Path, label: str, search: bool = False,
+                workers: int | None = None) -> None:
+    """The run, unless another experiment finished it meanwhile: grids that share a run
+    directory (docs/results' ceilings and Table 2) may run at once, and one waits for the
+    other's run of a cell they share instead of running it a second time beside it."""
+    with held(run_dir.parent / f"{run_dir.name}.claim", wait=True):
+        if not ((run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists()):
+            run_config(config, run_dir, label, search, workers)
 
 
 def _check_visible(grid: Grid, cells: list[Cell], search: bool) -> None:

@@ -35,7 +35,12 @@ def execute(config: Config, run_dir: Path, progress: Progress | None = None,
     not depend on it.
     """
     rd = RunDir(run_dir)
-    rd.path.mkdir(parents=True, exist_ok=True)
+    with rd.hold():
+        return _execute(config, rd, progress, local_agents, simulate, workers)
+
+
+def _execute(config: Config, rd: RunDir, progress: Progress | None, local_agents: int | None,
+             simulate: bool, workers: int | None) -> dict:
     (rd.path / "config.toml").write_text(config.to_toml())
     if rd.state()["phase"] == "new":
         rd.set_state(simulate=simulate)

@@ -26,11 +26,14 @@ This module imports no phase: the phases (``run/warmup.py``, ``run/zo.py``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,7 @@ from ..train.data import (
 
 # The run directory's names: declared here once, read by the phases and the reports.
 CONFIG, STATE, METRICS, SUMMARY = "config.toml", "state.json", "metrics.jsonl", "summary.json"
+OWNER = "owner.lock"  # held by the process that runs the directory (RunDir.hold)
 CHECKPOINT, JOURNAL, MODEL, SHARDS, AGENTS = "warmup.pt", "journal", "model", "shards", "agents"
 BLACKBOX = "blackbox"  # prompt tuning: the frozen model its owner serves
 FLEET = "fleet.json"  # replaced after every round of a phase with a fleet
@@ -68,6 +72,35 @@ class RunError(ZoError):
 class Diverged(RunError):
     """The training itself blew up (a loss no longer usable): the settings' fault, not the
     machine's, so a grid records it as the run's result instead of stopping."""
+
+
+class Busy(RunError):
+    """Another process holds the lock: a second run in one directory would interleave its
+    journal, metrics and checkpoints with the first's."""
+
+
+@contextlib.contextmanager
+def held(lock: Path, wait: bool = False, what: str = "this") -> Iterator[None]:
+    """An exclusive lock on the file ``lock`` for the block. The kernel releases it when
+    the holder exits however it exits, so no lock outlives a crash. Without ``wait``, a
+    held lock raises :class:`Busy` naming the holder."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise Busy(f"{what} is in use by {holder}: wait for it to end, or stop it, "
+                       "before starting another run here") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class MetricsError(RunError):
@@ -222,6 +255,11 @@ class RunDir:
     def state(self) -> dict:
         file = self.path / STATE
         return json.loads(file.read_text()) if file.exists() else {"phase": "new"}
+
+    def hold(self) -> contextlib.AbstractContextManager[None]:
+        """The directory for this process alone while the block runs (:class:`Busy` if
+        another process runs or resumes it now)."""
+        return held(self.path / OWNER, what=f"run directory {self.path}")
 
     def mark_running(self, **state: object) -> None:
         """Say which process runs the run now (``zowarmup status`` tells a stopped run from
