@@ -132,8 +132,34 @@ def test_a_search_chooses_on_the_validation_split_and_never_a_diverged_value(tmp
     assert scores[1e6] is None and 0.0 <= scores[1e-3] <= 1.0  # diverged: no score
     hro = by_method["High-Res-Only"]["search"]
     assert [s["values"]["warmup.client_lr"] for s in hro] == [0.05, 0.2]
-    best = max(hro, key=lambda s: s["val_acc"])["values"]["warmup.client_lr"]
+    best = max(hro, key=lambda s: (s["val_acc"], -s["val_loss"]))["values"]["warmup.client_lr"]
     assert by_method["High-Res-Only"]["chosen"] == {"warmup.client_lr": best}
+
+
+def test_a_tie_on_validation_accuracy_goes_to_the_lower_validation_loss(tmp_path,
+                                                                         monkeypatch):
+    """~150 validation images tie often; the first listed candidate (the grid's smallest
+    step) must not win a tie by its place in the list."""
+    from orchestrator.experiment import best_candidate, load_grid
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(BASE)
+    grid_text = GRID.format(out=tmp_path / "runs").replace('"25/75", "75/25"', '"50/50"')
+    (tmp_path / "grid.toml").write_text(grid_text.replace("seeds = [0, 1]", "seeds = [0]")
+                                        + SEARCH.replace("1e6", "1e-2").format())
+    grid = load_grid(tmp_path / "grid.toml")
+    setting = grid.settings()[0]
+    cells = grid.search_cells(setting, "ZOWarmUp")
+    for cell, (acc, loss) in zip(cells, [(0.9, 0.40), (0.9, 0.30)]):
+        run_dir = cell.directory(grid.search_root())
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"final_val_acc": acc}))
+        (run_dir / "metrics.jsonl").write_text(json.dumps(
+            {"round": 3, "phase": "zo", "test_acc": 0.5, "val_acc": acc, "val_loss": loss})
+            + "\n")
+    assert dict(best_candidate(grid, cells)) == {"zo.lr": 1e-2}  # listed second
+    (cells[0].directory(grid.search_root()) / "summary.json").write_text(
+        json.dumps({"final_val_acc": 0.95}))
+    assert dict(best_candidate(grid, cells)) == {"zo.lr": 1e-3}  # accuracy comes first
 
 
 def test_the_validation_split_comes_from_training_data_only():
