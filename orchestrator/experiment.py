@@ -100,7 +100,7 @@ class Search:
     shared: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def candidates(self, method: str) -> list[Overrides]:
-        space = self.spaces.get(method, self.spaces.get("*", {}))
+        space = self.own_space(method)
         keys = list(space)
         return [tuple(zip(keys, values)) for values in itertools.product(*space.values())]
 
@@ -405,15 +405,23 @@ def best_candidate(grid: Grid, cells: list[Cell]) -> Overrides:
     A validation split of ~150 images moves in steps of ~0.7 points, so candidates often
     tie on accuracy; taking the first would favour whichever end of a grid is listed
     first (the smallest step), where the loss still tells them apart."""
-    scores: dict[Overrides, list[tuple[float, float]]] = {}
-    for cell in cells:
-        figures = validation_figures(cell.directory(grid.search_root()))
-        scores.setdefault(cell.tuned, []).append(figures or (-1.0, math.inf))
+    scores = _candidate_scores(grid, cells)
 
     def rank(candidate: Overrides) -> tuple[float, float]:
-        accs, losses = zip(*scores[candidate])
+        accs, losses = zip(*(figures or (-1.0, math.inf) for figures in scores[candidate]))
         return sum(accs) / len(accs), -sum(losses) / len(losses)
     return max(scores, key=rank)
+
+
+def _candidate_scores(grid: Grid, cells: list[Cell], skip: int = 0
+                      ) -> dict[Overrides, list[tuple[float, float] | None]]:
+    """Per candidate (its values past the first ``skip``, the inherited ones), the final
+    validation accuracy and loss of each of its search runs, in the grid's order."""
+    scores: dict[Overrides, list[tuple[float, float] | None]] = {}
+    for cell in cells:
+        scores.setdefault(cell.tuned[skip:], []).append(
+            validation_figures(cell.directory(grid.search_root())))
+    return scores
 
 
 def validation_figures(run_dir: Path) -> tuple[float, float] | None:
@@ -423,15 +431,19 @@ def validation_figures(run_dir: Path) -> tuple[float, float] | None:
     if not summary or summary.get("final_val_acc") is None:
         return None
     evaluated = [r for r in read_metrics(run_dir / METRICS) if r.get("val_loss") is not None]
-    loss = evaluated[-1]["val_loss"] if evaluated else math.inf
-    return float(summary["final_val_acc"]), float(loss)
+    loss = float(evaluated[-1]["val_loss"]) if evaluated else math.inf
+    return float(summary["final_val_acc"]), loss if math.isfinite(loss) else math.inf
 
 
 DIVERGED = "diverged.json"
 
 
 def _finished(grid: Grid, cell: Cell, search: bool) -> bool:
-    run_dir = cell.directory(grid.search_root() if search else grid.out)
+    return _done(cell.directory(grid.search_root() if search else grid.out))
+
+
+def _done(run_dir: Path) -> bool:
+    """A run with a result: its summary, or the record that it diverged."""
     return (run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists()
 
 
@@ -461,7 +473,7 @@ def claimed_run(config: Config, run_dir: Path, label: str, search: bool = False,
     directory (docs/results' ceilings and Table 2) may run at once, and one waits for the
     other's run of a cell they share instead of running it a second time beside it."""
     with held(run_dir.parent / f"{run_dir.name}.claim", wait=True):
-        if not ((run_dir / SUMMARY).exists() or (run_dir / DIVERGED).exists()):
+        if not _done(run_dir):
             run_config(config, run_dir, label, search, workers)
 
 
@@ -524,13 +536,12 @@ def search_scores(grid: Grid, setting: Overrides, method: str,
     if grid.search is None or not grid.search.own_space(method):
         return []
     inherited = grid.search.inherited(setting, method, chosen)
-    scores: dict[Overrides, list] = {}
-    for cell in grid.search_cells(setting, method, inherited):
-        scores.setdefault(cell.tuned[len(inherited):], []).append(
-            validation_figures(cell.directory(grid.search_root())))
+    scores = _candidate_scores(grid, grid.search_cells(setting, method, inherited),
+                               skip=len(inherited))
     return [{"values": dict(candidate),
              "val_acc": None if None in vals else sum(v[0] for v in vals) / len(vals),
-             "val_loss": None if None in vals else sum(v[1] for v in vals) / len(vals)}
+             "val_loss": None if None in vals or not all(math.isfinite(v[1]) for v in vals)
+             else sum(v[1] for v in vals) / len(vals)}  # JSON has no infinity
             for candidate, vals in scores.items()]
 
 
