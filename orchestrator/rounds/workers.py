@@ -56,14 +56,12 @@ def _worker(conn, model_dir: str, shards: dict[str, str], spec: DirectionSpec,
     loaded = {a: load_shard(Path(p), manifest) for a, p in shards.items()}
     first = next(iter(loaded.values()))
     native = strategy_for(Path(model_dir), len(first)) == "native"
+    options = dict(micro_batch=micro_batch, threads=1, manifest=manifest,
+                   strategy="native" if native else "inputs")
     if engine_factory is None:  # the agent's engine; a copy of the weights is cheap here
-        engine = ZoEngine(Path(model_dir), first, spec, micro_batch=micro_batch, threads=1,
-                          manifest=manifest, strategy="native" if native else "inputs",
-                          restore="copy")
+        engine = ZoEngine(Path(model_dir), first, spec, restore="copy", **options)
     else:
-        engine = engine_factory(Path(model_dir), first, spec, micro_batch=micro_batch,
-                                threads=1, manifest=manifest,
-                                strategy="native" if native else "inputs")
+        engine = engine_factory(Path(model_dir), first, spec, **options)
     while True:
         kind, payload = conn.recv()
         if kind == "stop":
